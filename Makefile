@@ -1,0 +1,125 @@
+# RISE-serve developer entry points. Everything installs into .venv (Python 3.12) from the
+# hash-pinned requirements.lock; the stamp file makes repeated `make install` instant.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+REDIS_URL   ?= redis://127.0.0.1:6379/0
+PYTEST_ARGS ?=
+UV_VERSION  := 0.13.8
+UV_DIR      := $(VENV)/.uv-$(UV_VERSION)
+
+export REDIS_URL
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv install protos protos-check lock test demo bench clean distclean
+
+help:
+	@echo "make demo          start the model services locally and call each once"
+	@echo "make test          run the tests (needs Redis at REDIS_URL=$(REDIS_URL))"
+	@echo "make install       create $(VENV) (Python 3.12) and install requirements.lock + the project"
+	@echo "make protos        regenerate rise/proto/v1 from protos/  (protos-check: verify they are fresh)"
+	@echo "make lock          regenerate requirements.lock with uv $(UV_VERSION)"
+	@echo "make bench         gRPC overhead benchmark"
+	@echo "make clean         remove caches and build output (distclean also removes $(VENV))"
+
+# --- environment -------------------------------------------------------------------------
+
+# The interpreter: python3.12 on PATH, else a pyenv 3.12, else ~/.pyenv/versions/3.12*.
+# Every candidate is run, so a pyenv shim without a 3.12 selected is skipped.
+$(PY):
+	@set -e; py=""; \
+	cands="$$(command -v python3.12 2>/dev/null || true)"; \
+	if command -v pyenv >/dev/null 2>&1; then \
+	  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$$' | sort -rV); do \
+	    cands="$$cands $$(PYENV_VERSION=$$v pyenv which python3.12 2>/dev/null || true)"; \
+	  done; \
+	fi; \
+	cands="$$cands $$(ls -1d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV || true)"; \
+	for c in $$cands; do \
+	  if "$$c" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then py="$$c"; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then \
+	  echo "error: Python 3.12 not found (tried python3.12 on PATH, pyenv, ~/.pyenv/versions/3.12*)." >&2; \
+	  echo "  Debian/Ubuntu: sudo apt-get install python3.12 python3.12-venv" >&2; \
+	  echo "  or with pyenv: pyenv install 3.12.1   (the repo's .python-version selects it)" >&2; \
+	  exit 1; \
+	fi; \
+	echo "creating $(VENV) with $$py ($$("$$py" -V 2>&1))"; \
+	"$$py" -m venv $(VENV); \
+	$(PY) -m pip install --quiet --upgrade pip
+
+venv: $(PY)
+
+# The editable install maps the top-level packages that exist when it runs, so it is redone
+# when one appears (e.g. services/ or robot_agent/ gains an __init__.py).
+PACKAGES := $(wildcard $(addsuffix /__init__.py,rise services robot_agent))
+
+$(VENV)/.deps: requirements.lock | $(PY)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' || { \
+	  echo "error: $(VENV) is Python $$($(PY) -c 'import platform; print(platform.python_version())'), not 3.12; run 'make distclean install'" >&2; exit 1; }
+	$(PY) -m pip install --require-hashes -r requirements.lock
+	@touch $@
+
+$(STAMP): $(VENV)/.deps pyproject.toml $(PACKAGES)
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+install: $(STAMP)
+
+# --- code generation / locking ------------------------------------------------------------
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+protos-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+# uv lives in its own --target dir inside the venv so it never enters the locked set.
+lock: | $(PY)
+	@[ -x $(UV_DIR)/bin/uv ] || $(PY) -m pip install --quiet --target $(UV_DIR) uv==$(UV_VERSION)
+	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra dev --extra triton --python-version 3.12 --generate-hashes -o requirements.lock >/dev/null
+	@echo "wrote requirements.lock"
+
+# --- running ------------------------------------------------------------------------------
+
+# Passed to python through the environment so it can span lines.
+define REDIS_CHECK
+import sys
+from urllib.parse import urlparse
+import redis
+url = sys.argv[1]
+try:
+    redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+except Exception as exc:
+    u = urlparse(url)
+    sys.exit(
+        f"make test: no Redis server answers on {url} ({type(exc).__name__}: {exc}).\n"
+        f"  start one with: redis-server --daemonize yes --bind {u.hostname or '127.0.0.1'}"
+        f" --port {u.port or 6379} --save '' --appendonly no\n"
+        f"  not installed? sudo apt-get install redis-server  (or set REDIS_URL to a running server)"
+    )
+endef
+export REDIS_CHECK
+
+test: $(STAMP)
+	@$(PY) -c "$$REDIS_CHECK" "$(REDIS_URL)"
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/rise demo
+
+bench: $(STAMP)
+	$(PY) bench/grpc_overhead.py
+
+# --- housekeeping -------------------------------------------------------------------------
+
+clean:
+	rm -rf build dist .pytest_cache .demo *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,34 @@
+"""Publish the untrained baseline version of each model (linear policy and value, persistence
+dynamics), so a fresh store can serve end to end before anything is trained."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from rise.embodiment import Embodiment
+from rise.registry import Manifest, Registry
+
+
+def publish_baseline(registry: Registry, model: str, embodiment: Embodiment, seed: int = 0) -> Manifest:
+    emb = embodiment.model_dump()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if model == "policy":
+            from services.policy.linear import KIND, LinearPolicy
+
+            LinearPolicy.save(folder, LinearPolicy.initial_weight(embodiment, scale=0.01, seed=seed))
+            return registry.publish(model, folder, kind=KIND, embodiment=emb, config={"init": "hold-state", "seed": seed})
+        if model == "value":
+            from services.value.linear import KIND, LinearValue, feature_dim
+
+            weight = np.random.default_rng(seed).normal(0.0, 0.1, feature_dim(embodiment))
+            LinearValue.save(folder, weight)
+            return registry.publish(model, folder, kind=KIND, embodiment=emb, config={"init": "random", "seed": seed})
+        if model == "dynamics":
+            from services.dynamics.persistence import KIND
+
+            return registry.publish(model, folder, kind=KIND, embodiment=emb, config={"future_frames": embodiment.chunk_length})
+    raise ValueError(f"no baseline for model {model!r}; choose policy, value or dynamics")

@@ -1,0 +1,149 @@
+"""The `rise` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+app = typer.Typer(help="RISE-serve: a self-improving robot policy as gRPC microservices.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+STORE = typer.Option(Path("model_store"), "--store", envvar="RISE_REGISTRY_ROOT", help="Model registry root.")
+
+
+@app.command()
+def serve(
+    service: str = typer.Argument(..., help="policy | value | dynamics"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; RISE_* env vars override it."),
+    port: Optional[int] = typer.Option(None, help="Override server.port."),
+) -> None:
+    """Run a model service until SIGTERM (then drain gracefully)."""
+    from rise.config import dump_config, load_config
+    from rise.serving import serve_until_signal, setup_logging
+    from rise.services import service as lookup
+
+    config_cls, start = lookup(service)
+    cfg = load_config(config_cls, config, overrides={"server.port": port} if port is not None else None)
+    console.print(f"[bold]rise serve {service}[/bold] with config:")
+    console.print(Syntax(dump_config(cfg), "yaml"))
+    setup_logging(cfg.server.log_json)
+
+    async def main() -> None:
+        running = await start(cfg)
+        console.print(f"[green]serving {service} on {running.address}[/green]")
+        await serve_until_signal(running)
+
+    asyncio.run(main())
+
+
+@models_app.command("list")
+def models_list(store: Path = STORE, model: Optional[str] = typer.Argument(None)) -> None:
+    """Versions and aliases in the registry."""
+    from rise.registry import Registry
+
+    registry = Registry(store)
+    table = Table("model", "version", "kind", "embodiment", "aliases", "parent", "created", "metrics")
+    for name in [model] if model else registry.models():
+        aliases = registry.aliases(name)
+        for version in registry.versions(name):
+            m = registry.manifest(name, version)
+            pointing = ", ".join(a for a, v in sorted(aliases.items()) if v == version)
+            from datetime import datetime, timezone
+
+            created = datetime.fromtimestamp(m.created_unix_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(name, version, m.kind, str(m.embodiment.get("name")), pointing, m.parent, created, json.dumps(m.metrics))
+    Console().print(table)
+
+
+@models_app.command("publish")
+def models_publish(
+    model: str,
+    folder: Path,
+    kind: str = typer.Option(..., help="Model implementation, e.g. linear."),
+    embodiment: str = typer.Option("metaworld", help="Embodiment preset or YAML path."),
+    parent: str = typer.Option("", help="Version this one was trained from."),
+    config: Optional[Path] = typer.Option(None, help="JSON or YAML file with the model config."),
+    alias: list[str] = typer.Option([], help="Aliases to point at the new version."),
+    store: Path = STORE,
+) -> None:
+    """Publish a folder of model files as a new immutable version."""
+    import yaml
+
+    from rise.embodiment import load_embodiment
+    from rise.registry import Registry
+
+    registry = Registry(store)
+    manifest = registry.publish(model, folder, kind=kind, embodiment=load_embodiment(embodiment).model_dump(),
+                                parent=parent, config=yaml.safe_load(config.read_text()) if config else None)
+    for name in alias:
+        registry.set_alias(model, name, manifest.version)
+    typer.echo(f"published {model}/{manifest.version} ({len(manifest.files)} files)")
+
+
+@models_app.command("baseline")
+def models_baseline(
+    model: str = typer.Argument(..., help="policy | value | dynamics"),
+    embodiment: str = typer.Option("metaworld"),
+    alias: list[str] = typer.Option(["stable"], help="Aliases to point at it."),
+    store: Path = STORE,
+) -> None:
+    """Publish the untrained baseline of a model (linear policy/value, persistence dynamics)."""
+    from rise.baselines import publish_baseline
+    from rise.embodiment import load_embodiment
+    from rise.registry import Registry
+
+    registry = Registry(store)
+    manifest = publish_baseline(registry, model, load_embodiment(embodiment))
+    for name in alias:
+        registry.set_alias(model, name, manifest.version)
+    typer.echo(f"published {model}/{manifest.version} ({manifest.kind}); aliases: {', '.join(alias)}")
+
+
+@models_app.command("alias")
+def models_alias(
+    model: str,
+    alias: str,
+    version: str,
+    server: Optional[str] = typer.Option(None, help="host:port of a running service: swap it there too (ModelAdmin.SetAlias)."),
+    token: str = typer.Option("", envvar="RISE_TOKEN"),
+    store: Path = STORE,
+) -> None:
+    """Point an alias at a version, in the registry or (with --server) on a running service."""
+    if server is None:
+        from rise.registry import Registry
+
+        previous = Registry(store).set_alias(model, alias, version)
+        typer.echo(f"{model}: {alias} -> {version} (was {previous or 'unset'}); running services keep their routing "
+                   "until told (use --server)")
+        return
+    from rise.proto.v1 import model_admin_pb2, model_admin_pb2_grpc
+    from rise.serving import ClientConfig, open_channel
+
+    async def call() -> None:
+        async with open_channel(ClientConfig(address=server, token=token)) as channel:
+            reply = await model_admin_pb2_grpc.ModelAdminStub(channel).SetAlias(
+                model_admin_pb2.SetAliasRequest(alias=alias, version=version), timeout=120)
+        typer.echo(f"{server}: {alias} -> {reply.version} (was {reply.previous_version or 'unset'})")
+
+    asyncio.run(call())
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path(".demo"), help="Where the demo's model store goes.")) -> None:
+    """Start the model services locally and call each once over gRPC."""
+    from rise.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir, console))
+
+
+if __name__ == "__main__":
+    app()

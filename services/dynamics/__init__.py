@@ -1,0 +1,1 @@
+"""The dynamics service: frame history per view + action chunk -> imagined future frames."""

@@ -1,0 +1,1 @@
+"""The policy service: observation (+ advantage bin) -> action chunk."""
