@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from rise.config import StrictModel
 from rise.embodiment import Embodiment
-from rise.errors import FailedPrecondition, NotFound
+from rise.errors import FailedPrecondition, NotFound, RiseError
 from rise.proto.v1 import common_pb2, model_admin_pb2, model_admin_pb2_grpc
 from rise.registry import Manifest, Registry, VerifiedVersion
 from rise.serving import RunningServer, ServerConfig, served_version
@@ -143,7 +143,11 @@ class ModelHost:
                 log.warning("alias not in registry, not preloaded", extra={"fields": {"model": self.model_name, "alias": alias}})
                 continue
             async with self._admin:
-                loaded = await self._load(stored[alias])
+                try:
+                    loaded = await self._load(stored[alias])
+                except RiseError as exc:  # a broken version is never served, the others still are
+                    log.error("alias not loaded", extra={"fields": {"model": self.model_name, "alias": alias, "error": str(exc)}})
+                    continue
                 self._aliases = {**self._aliases, alias: loaded.version}
 
     def loaded_versions(self) -> dict[str, LoadedModel]:

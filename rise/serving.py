@@ -359,12 +359,7 @@ async def serve_until_signal(running: RunningServer) -> None:
 
 
 # ---- clients ------------------------------------------------------------------------------
-class _TokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _TokenDetails:
     """Adds `authorization: Bearer <token>` to every call (works on plaintext channels too)."""
 
     def __init__(self, token: str):
@@ -374,15 +369,24 @@ class _TokenInterceptor(
         metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
+
+# grpc.aio files each interceptor under the first call type it implements, so one class per type.
+class _TokenUnaryUnary(_TokenDetails, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _TokenUnaryStream(_TokenDetails, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _TokenStreamUnary(_TokenDetails, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _TokenStreamStream(_TokenDetails, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
@@ -399,7 +403,7 @@ def open_channel(config: ClientConfig | str, tracing: bool = False) -> grpc.aio.
         interceptors += aio_client_interceptors()
     token = config.token or (config.token_file.read_text().strip() if config.token_file else "")
     if token:
-        interceptors.append(_TokenInterceptor(token))
+        interceptors += [cls(token) for cls in (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)]
     if config.tls_ca_file is None:
         return grpc.aio.insecure_channel(config.address, options=options, interceptors=interceptors or None)
     credentials = grpc.ssl_channel_credentials(

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Starts, inspects and stops RL-in-imagination runs; one trainer may hold several runs.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,7 +59,8 @@ class TrainerServiceStub:
 
 
 class TrainerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Starts, inspects and stops RL-in-imagination runs; one trainer may hold several runs.
+    """
 
     def StartRun(self, request, context):
         """Start a run from a config (YAML text, validated before anything starts).
@@ -119,7 +121,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """Missing associated documentation comment in .proto file."""
+    """Starts, inspects and stops RL-in-imagination runs; one trainer may hold several runs.
+    """
 
     @staticmethod
     def StartRun(request,
