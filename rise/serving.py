@@ -166,12 +166,18 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, server_name: str, tokens: list[str]):
         self.server_name = server_name
         self.tokens = [t.encode() for t in tokens]
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # per method: wrap once, not per call
 
     async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method = details.method
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[details.method] = self._wrap(details.method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         needs_auth = bool(self.tokens) and not method.startswith(_OPEN_METHODS)
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
