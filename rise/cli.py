@@ -15,6 +15,8 @@ from rich.table import Table
 app = typer.Typer(help="RISE-serve: a self-improving robot policy as gRPC microservices.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Robot datasets (LeRobot v3): collect, convert, statistics.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 STORE = typer.Option(Path("model_store"), "--store", envvar="RISE_REGISTRY_ROOT", help="Model registry root.")
@@ -144,6 +146,17 @@ def demo(workdir: Path = typer.Option(Path(".demo"), help="Where the demo's mode
 
     raise typer.Exit(run_demo(workdir, console))
 
+
+def _register_commands() -> None:
+    """Commands that live beside their code: each module's register() adds them (imports stay lazy)."""
+    import importlib
+
+    for module, target in (("rise.data.collect", data_app), ("rise.data.convert", data_app), ("rise.data.stats", data_app),
+                           ("rise.sim.evaluate", app)):
+        importlib.import_module(module).register(target)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     app()

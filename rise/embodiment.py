@@ -64,10 +64,11 @@ PRESETS: dict[str, Embodiment] = {
         state_names=[f"left_{n}" for n in _PIPER_ARM] + [f"right_{n}" for n in _PIPER_ARM],
         action_names=[f"left_{n}" for n in _PIPER_ARM] + [f"right_{n}" for n in _PIPER_ARM],
     ),
-    # MetaWorld v3 (Sawyer): end-effector xyz + gripper; head-like, wrist-like and a third view.
+    # MetaWorld v3 (Sawyer), 80 Hz control: hand xyz + gripper opening in, delta xyz + gripper
+    # effort out; a head view (corner), a view over the gripper and one from the gripper.
     "metaworld": Embodiment(
         name="metaworld",
-        views=["topview", "gripperPOV", "behindGripper"],
+        views=["corner", "behindGripper", "gripperPOV"],
         image_height=64,
         image_width=64,
         state_dim=4,

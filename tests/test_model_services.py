@@ -73,7 +73,7 @@ async def test_dynamics_imagines_a_batch(dynamics_server):
         short = dynamics_pb2.ImagineItem(history={v: to_tensor(f) for v, f in frames(2).items()}, actions=actions)
         with pytest.raises(grpc.aio.AioRpcError) as err:  # one history length per batch
             await stub.Imagine(dynamics_pb2.ImagineRequest(items=[items[0], short]), timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items[1].history.views['topview']: expected uint8 [4, 64, 64, 3]" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items[1].history.views['corner']: expected uint8 [4, 64, 64, 3]" in err.value.details()
         wrong_actions = dynamics_pb2.ImagineItem(history=items[0].history, actions=to_tensor(np.zeros((8, 14), np.float32)))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Imagine(dynamics_pb2.ImagineRequest(items=[wrong_actions]), timeout=10)

@@ -64,12 +64,12 @@ def _bad(obs_change=None, **request):
 
 
 BAD_INPUTS = [
-    ("wrong dtype", _bad(lambda o: o.views["topview"].CopyFrom(to_tensor(np.zeros((64, 64, 3), np.float32)))),
-     "observation.views['topview']: expected uint8 [64, 64, 3], got float32 [64, 64, 3]"),
+    ("wrong dtype", _bad(lambda o: o.views["corner"].CopyFrom(to_tensor(np.zeros((64, 64, 3), np.float32)))),
+     "observation.views['corner']: expected uint8 [64, 64, 3], got float32 [64, 64, 3]"),
     ("wrong image size", _bad(lambda o: o.views["gripperPOV"].CopyFrom(to_tensor(np.zeros((48, 64, 3), np.uint8)))),
      "observation.views['gripperPOV']: expected uint8 [64, 64, 3], got uint8 [48, 64, 3]"),
     ("unknown view", _bad(lambda o: o.views["left_wrist"].CopyFrom(to_tensor(np.zeros((64, 64, 3), np.uint8)))),
-     "unknown view(s) ['left_wrist']; embodiment 'metaworld' has views ['topview', 'gripperPOV', 'behindGripper']"),
+     "unknown view(s) ['left_wrist']; embodiment 'metaworld' has views ['corner', 'behindGripper', 'gripperPOV']"),
     ("missing view", _bad(lambda o: o.views.pop("behindGripper")), "missing view(s) ['behindGripper']"),
     ("wrong state dim", _bad(lambda o: o.state.CopyFrom(to_tensor(np.zeros(14, np.float32)))),
      "observation.state: expected float32 [4], got float32 [14]"),

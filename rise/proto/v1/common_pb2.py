@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import tensor_pb2 as rise_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rise/v1/common.proto\x12\x07rise.v1\x1a\x14rise/v1/tensor.proto\"\x1b\n\x08ModelRef\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xc1\x02\n\x0bObservation\x12.\n\x05views\x18\x01 \x03(\x0b\x32\x1f.rise.v1.Observation.ViewsEntry\x12\x1e\n\x05state\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x04 \x01(\x03\x12\x46\n\x12view_timestamps_ns\x18\x05 \x03(\x0b\x32*.rise.v1.Observation.ViewTimestampsNsEntry\x1a=\n\nViewsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\x1a\x37\n\x15ViewTimestampsNsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"e\n\x0b\x41\x63tionChunk\x12 \n\x07\x61\x63tions\x18\x01 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x12\n\ncontrol_hz\x18\x02 \x01(\x01\x12 \n\x18observation_timestamp_ns\x18\x03 \x01(\x03\"F\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"U\n\x0cResponseMeta\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x06timing\x18\x03 \x01(\x0b\x32\x15.rise.v1.ServerTimingb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rise/v1/common.proto\x12\x07rise.v1\x1a\x14rise/v1/tensor.proto\"\x1b\n\x08ModelRef\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xe5\x02\n\x0bObservation\x12.\n\x05views\x18\x01 \x03(\x0b\x32\x1f.rise.v1.Observation.ViewsEntry\x12\x1e\n\x05state\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x04 \x01(\x03\x12\x46\n\x12view_timestamps_ns\x18\x05 \x03(\x0b\x32*.rise.v1.Observation.ViewTimestampsNsEntry\x12\"\n\tsim_state\x18\x06 \x01(\x0b\x32\x0f.rise.v1.Tensor\x1a=\n\nViewsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\x1a\x37\n\x15ViewTimestampsNsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"e\n\x0b\x41\x63tionChunk\x12 \n\x07\x61\x63tions\x18\x01 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x12\n\ncontrol_hz\x18\x02 \x01(\x01\x12 \n\x18observation_timestamp_ns\x18\x03 \x01(\x03\"F\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"U\n\x0cResponseMeta\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x06timing\x18\x03 \x01(\x0b\x32\x15.rise.v1.ServerTimingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREF']._serialized_start=55
   _globals['_MODELREF']._serialized_end=82
   _globals['_OBSERVATION']._serialized_start=85
-  _globals['_OBSERVATION']._serialized_end=406
-  _globals['_OBSERVATION_VIEWSENTRY']._serialized_start=288
-  _globals['_OBSERVATION_VIEWSENTRY']._serialized_end=349
-  _globals['_OBSERVATION_VIEWTIMESTAMPSNSENTRY']._serialized_start=351
-  _globals['_OBSERVATION_VIEWTIMESTAMPSNSENTRY']._serialized_end=406
-  _globals['_ACTIONCHUNK']._serialized_start=408
-  _globals['_ACTIONCHUNK']._serialized_end=509
-  _globals['_SERVERTIMING']._serialized_start=511
-  _globals['_SERVERTIMING']._serialized_end=581
-  _globals['_RESPONSEMETA']._serialized_start=583
-  _globals['_RESPONSEMETA']._serialized_end=668
+  _globals['_OBSERVATION']._serialized_end=442
+  _globals['_OBSERVATION_VIEWSENTRY']._serialized_start=324
+  _globals['_OBSERVATION_VIEWSENTRY']._serialized_end=385
+  _globals['_OBSERVATION_VIEWTIMESTAMPSNSENTRY']._serialized_start=387
+  _globals['_OBSERVATION_VIEWTIMESTAMPSNSENTRY']._serialized_end=442
+  _globals['_ACTIONCHUNK']._serialized_start=444
+  _globals['_ACTIONCHUNK']._serialized_end=545
+  _globals['_SERVERTIMING']._serialized_start=547
+  _globals['_SERVERTIMING']._serialized_end=617
+  _globals['_RESPONSEMETA']._serialized_start=619
+  _globals['_RESPONSEMETA']._serialized_end=704
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ class ModelRef(_message.Message):
     def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class Observation(_message.Message):
-    __slots__ = ("views", "state", "task", "timestamp_ns", "view_timestamps_ns")
+    __slots__ = ("views", "state", "task", "timestamp_ns", "view_timestamps_ns", "sim_state")
     class ViewsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,12 +35,14 @@ class Observation(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     VIEW_TIMESTAMPS_NS_FIELD_NUMBER: _ClassVar[int]
+    SIM_STATE_FIELD_NUMBER: _ClassVar[int]
     views: _containers.MessageMap[str, _tensor_pb2.Tensor]
     state: _tensor_pb2.Tensor
     task: str
     timestamp_ns: int
     view_timestamps_ns: _containers.ScalarMap[str, int]
-    def __init__(self, views: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., state: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., task: _Optional[str] = ..., timestamp_ns: _Optional[int] = ..., view_timestamps_ns: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    sim_state: _tensor_pb2.Tensor
+    def __init__(self, views: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., state: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., task: _Optional[str] = ..., timestamp_ns: _Optional[int] = ..., view_timestamps_ns: _Optional[_Mapping[str, int]] = ..., sim_state: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ActionChunk(_message.Message):
     __slots__ = ("actions", "control_hz", "observation_timestamp_ns")

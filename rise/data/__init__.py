@@ -1,0 +1,1 @@
+"""Robot data: LeRobot datasets (v3), their schema, collection, conversion, statistics, loading."""

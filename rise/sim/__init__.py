@@ -1,0 +1,1 @@
+"""Ground truth: the MetaWorld v3 simulator, its scripted experts, and evaluation."""

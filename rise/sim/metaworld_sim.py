@@ -1,0 +1,177 @@
+"""Any MetaWorld v3 task by name, rendered into the embodiment's views, with savable state.
+
+Why not `env.render`: it renders one camera per env at 11-15 frames/s; one raw
+`mujoco.Renderer` with shadows and reflections off draws every view at 50-60 frames/s.
+The corner cameras are mounted upside down in MetaWorld's scene, so they are turned 180 deg.
+
+Episodes are reproducible: the episode seed draws the task layout (MetaWorld's "rand vec":
+object and goal positions) from our own RNG, instead of MT1's 50 pre-sampled layouts.
+
+The full simulator state is one float64 vector (`get_state` / `set_state`): the layout, the
+step count, MetaWorld's previous-observation buffers and MuJoCo's integration state (time,
+qpos, qvel, actuator and mocap state, warm start). Restoring it and stepping the same actions
+reproduces the same frames exactly, which the oracle world model relies on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported: headless rendering
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rise.embodiment import Embodiment  # noqa: E402
+
+UPSIDE_DOWN_CAMERAS = {"corner", "corner2", "corner3", "corner4"}
+_STATE_KIND = mujoco.mjtState.mjSTATE_INTEGRATION
+
+
+def task_names() -> list[str]:
+    import metaworld
+
+    return sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
+
+
+def _env_name(task: str) -> str:
+    name = task if task.endswith("-v3") else f"{task}-v3"
+    import metaworld
+
+    if name not in metaworld.ALL_V3_ENVIRONMENTS:
+        raise ValueError(f"unknown MetaWorld task {task!r}; known: {', '.join(task_names())}")
+    return name
+
+
+def task_text(task: str) -> str:
+    """The instruction text that goes with a task in datasets and requests."""
+    return task.removesuffix("-v3").replace("-", " ")
+
+
+def expert_policy(task: str):
+    """The scripted expert MetaWorld ships for `task` (reads the 39-d observation)."""
+    import metaworld.policies as policies
+
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "").replace("_", "")
+
+    # Class names follow task names except one: peg-insert-side -> PegInsertionSide.
+    wanted = norm(_env_name(task).removesuffix("-v3")).replace("peginsertside", "peginsertionside")
+    for name in dir(policies):
+        if name.startswith("Sawyer") and name.endswith("V3Policy") and norm(name[6:-8]) == wanted:
+            return getattr(policies, name)()
+    raise ValueError(f"no scripted expert for {task!r}")
+
+
+@dataclass
+class Frame:
+    """What the simulator shows after a reset or a step."""
+
+    views: dict[str, np.ndarray]  # view -> uint8 [H, W, 3]
+    state: np.ndarray  # float32 [4]: hand xyz (m), gripper opening (normalised 0..1)
+    raw_obs: np.ndarray  # float64 [39]: MetaWorld's observation, what the scripted expert reads
+    success: bool
+    sim_state: np.ndarray  # float64 [state_size]
+
+
+class MetaWorldSim:
+    def __init__(self, task: str, embodiment: Embodiment, max_steps: int = 200, render: bool = True):
+        import metaworld
+
+        self.task = _env_name(task).removesuffix("-v3")
+        self.embodiment = embodiment
+        self.max_steps = max_steps
+        name = _env_name(task)
+        benchmark = metaworld.MT1(name, seed=0)  # MT1 exposes the goal in the observation
+        self.env = benchmark.train_classes[name]()
+        self.env.set_task(benchmark.train_tasks[0])
+        self.env.max_path_length = max_steps
+        self.layout_size = len(self.env._last_rand_vec)
+        self.mj_state_size = mujoco.mj_stateSize(self.env.model, _STATE_KIND)
+        self.state_size = self.layout_size + self._HEAD + self.mj_state_size
+        self.renderer = None
+        if render:
+            self.renderer = mujoco.Renderer(self.env.model, embodiment.image_height, embodiment.image_width)
+            self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+            self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        self._success = False
+        self._shown_prev = np.zeros(18)  # the "previous" part of the last observation returned
+
+    # ---- episodes --------------------------------------------------------------------------
+    def reset(self, seed: int) -> Frame:
+        """A new episode whose layout is drawn from `seed`."""
+        space = self.env._random_reset_space
+        layout = np.random.default_rng(seed).uniform(space.low, space.high, size=space.low.size)
+        return self._reset_with_layout(layout)
+
+    def _reset_with_layout(self, layout: np.ndarray) -> Frame:
+        self.env._freeze_rand_vec = True
+        self.env._last_rand_vec = np.asarray(layout, dtype=np.float64)
+        raw, _ = self.env.reset()
+        self._success = False
+        return self._frame(raw)
+
+    def step(self, action: np.ndarray) -> Frame:
+        """One control tick. Actions are clipped to MetaWorld's [-1, 1] box."""
+        action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        raw, _, _, _, info = self.env.step(action)
+        self._success = self._success or bool(info["success"])  # success is sticky within an episode
+        return self._frame(raw)
+
+    @property
+    def steps(self) -> int:
+        return int(self.env.curr_path_length)
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.max_steps
+
+    def _frame(self, raw: np.ndarray) -> Frame:
+        self._shown_prev = raw[18:36].copy()
+        return Frame(self.render() if self.renderer else {}, raw[:4].astype(np.float32), raw, self._success, self.get_state())
+
+    def render(self) -> dict[str, np.ndarray]:
+        views = {}
+        for view in self.embodiment.views:
+            self.renderer.update_scene(self.env.data, camera=view)
+            image = self.renderer.render()
+            views[view] = np.ascontiguousarray(image[::-1, ::-1]) if view in UPSIDE_DOWN_CAMERAS else image
+        return views
+
+    # ---- state -------------------------------------------------------------------------------
+    # Layout of the state vector after the task layout: step count, sticky success flag, MetaWorld's
+    # previous-observation buffer, the "previous" part of the last observation shown, MuJoCo state.
+    _HEAD = 1 + 1 + 18 + 18
+
+    def get_state(self) -> np.ndarray:
+        env = self.env
+        mj_state = np.empty(self.mj_state_size, dtype=np.float64)
+        mujoco.mj_getState(env.model, env.data, mj_state, _STATE_KIND)
+        head = [env.curr_path_length, float(self._success), *env._prev_obs, *self._shown_prev]
+        return np.concatenate([env._last_rand_vec, head, mj_state]).astype(np.float64)
+
+    def set_state(self, state: np.ndarray) -> Frame:
+        """Restore a state from `get_state` (same task); returns the frame it shows."""
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (self.state_size,):
+            raise ValueError(f"{self.task}: sim state must be float64 [{self.state_size}], got {list(state.shape)}")
+        env = self.env
+        layout, head, mj_state = np.split(state, [self.layout_size, self.layout_size + self._HEAD])
+        if env._last_rand_vec is None or not np.array_equal(layout, env._last_rand_vec):
+            self._reset_with_layout(layout)  # the layout also sets the goal and reward bookkeeping
+        env.curr_path_length = int(head[0])
+        self._success = bool(head[1])
+        env._prev_obs = head[2:20].copy()
+        mujoco.mj_setState(env.model, env.data, mj_state, _STATE_KIND)
+        mujoco.mj_forward(env.model, env.data)
+        for site in env._target_site_config:
+            env._set_pos_site(*site)
+        raw = np.hstack([env._get_curr_obs_combined_no_goal(), head[20:38], env._get_pos_goal()])
+        return self._frame(np.clip(raw, env.sawyer_observation_space.low, env.sawyer_observation_space.high))
+
+    def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+            self.renderer = None
+        self.env.close()
