@@ -107,6 +107,7 @@ export REDIS_CHECK
 
 test: $(STAMP)
 	@$(PY) -c "$$REDIS_CHECK" "$(REDIS_URL)"
+	@$(PY) -c "import ctypes.util, sys; ctypes.util.find_library('EGL') or sys.exit('make test: MuJoCo renders through EGL, which is missing: sudo apt-get install libegl1 libgl1-mesa-dri')"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
