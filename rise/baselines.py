@@ -32,3 +32,25 @@ def publish_baseline(registry: Registry, model: str, embodiment: Embodiment, see
 
             return registry.publish(model, folder, kind=KIND, embodiment=emb, config={"future_frames": embodiment.chunk_length})
     raise ValueError(f"no baseline for model {model!r}; choose policy, value or dynamics")
+
+
+def publish_scripted_expert(registry: Registry, embodiment: Embodiment) -> Manifest:
+    """MetaWorld's scripted expert as a policy version (no weights; privileged: reads sim_state)."""
+    from services.policy import scripted_expert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return registry.publish("policy", tmp, kind=scripted_expert.KIND, embodiment=embodiment.model_dump(),
+                                config=scripted_expert.config())
+
+
+def publish_oracle_dynamics(registry: Registry, embodiment: Embodiment, frame_stride: int = 1) -> Manifest:
+    """The MetaWorld simulator as a dynamics version (no weights; privileged: reads sim_state).
+
+    It returns every `frame_stride`-th frame of a chunk: chunk_length / frame_stride frames.
+    """
+    from services.dynamics import oracle
+
+    oracle.OracleDynamics(embodiment, frame_stride)  # refuse an unusable version now, not at load
+    with tempfile.TemporaryDirectory() as tmp:
+        return registry.publish("dynamics", tmp, kind=oracle.KIND, embodiment=embodiment.model_dump(),
+                                config=oracle.config(frame_stride))

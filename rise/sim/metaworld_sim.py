@@ -5,7 +5,7 @@ Why not `env.render`: it renders one camera per env at 11-15 frames/s; one raw
 The corner cameras are mounted upside down in MetaWorld's scene, so they are turned 180 deg.
 
 Episodes are reproducible: the episode seed draws the task layout (MetaWorld's "rand vec":
-object and goal positions) from our own RNG, instead of MT1's 50 pre-sampled layouts.
+object and goal positions), instead of MT1's 50 pre-sampled layouts.
 
 The full simulator state is one float64 vector (`get_state` / `set_state`): the layout, the
 step count, MetaWorld's previous-observation buffers and MuJoCo's integration state (time,
@@ -99,25 +99,39 @@ class MetaWorldSim:
         self._shown_prev = np.zeros(18)  # the "previous" part of the last observation returned
 
     # ---- episodes --------------------------------------------------------------------------
-    def reset(self, seed: int) -> Frame:
-        """A new episode whose layout is drawn from `seed`."""
-        space = self.env._random_reset_space
-        layout = np.random.default_rng(seed).uniform(space.low, space.high, size=space.low.size)
-        return self._reset_with_layout(layout)
+    def reset(self, seed: int, render: bool = True) -> Frame:
+        """A new episode whose layout is drawn from `seed`.
 
-    def _reset_with_layout(self, layout: np.ndarray) -> Frame:
+        MetaWorld draws the layout itself (its `seeded_rand_vec` mode, from a generator seeded
+        with `seed`): for about 20 tasks its reset redraws the layout while objects are too close,
+        a rejection loop that never ends when the layout is frozen. The accepted layout is then
+        frozen for restores.
+        """
+        env = self.env
+        env._freeze_rand_vec, env.seeded_rand_vec = False, True
+        env.np_random = np.random.default_rng(seed)
+        try:
+            env.reset()
+        finally:
+            env.seeded_rand_vec = False
+        return self._reset_with_layout(env._last_rand_vec.copy(), render)
+
+    def _reset_with_layout(self, layout: np.ndarray, render: bool = True) -> Frame:
         self.env._freeze_rand_vec = True
-        self.env._last_rand_vec = np.asarray(layout, dtype=np.float64)
+        self.env._last_rand_vec = np.array(layout, dtype=np.float64)
         raw, _ = self.env.reset()
         self._success = False
-        return self._frame(raw)
+        return self._frame(raw, render)
 
-    def step(self, action: np.ndarray) -> Frame:
-        """One control tick. Actions are clipped to MetaWorld's [-1, 1] box."""
+    def step(self, action: np.ndarray, render: bool = True) -> Frame:
+        """One control tick. Actions are clipped to MetaWorld's [-1, 1] box.
+
+        render=False skips drawing the views (about 90% of a step's cost): `Frame.views` is empty.
+        """
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         raw, _, _, _, info = self.env.step(action)
         self._success = self._success or bool(info["success"])  # success is sticky within an episode
-        return self._frame(raw)
+        return self._frame(raw, render)
 
     @property
     def steps(self) -> int:
@@ -127,9 +141,10 @@ class MetaWorldSim:
     def done(self) -> bool:
         return self.steps >= self.max_steps
 
-    def _frame(self, raw: np.ndarray) -> Frame:
+    def _frame(self, raw: np.ndarray, render: bool = True) -> Frame:
         self._shown_prev = raw[18:36].copy()
-        return Frame(self.render() if self.renderer else {}, raw[:4].astype(np.float32), raw, self._success, self.get_state())
+        views = self.render() if render and self.renderer else {}
+        return Frame(views, raw[:4].astype(np.float32), raw, self._success, self.get_state())
 
     def render(self) -> dict[str, np.ndarray]:
         views = {}
@@ -151,24 +166,25 @@ class MetaWorldSim:
         head = [env.curr_path_length, float(self._success), *env._prev_obs, *self._shown_prev]
         return np.concatenate([env._last_rand_vec, head, mj_state]).astype(np.float64)
 
-    def set_state(self, state: np.ndarray) -> Frame:
+    def set_state(self, state: np.ndarray, render: bool = True) -> Frame:
         """Restore a state from `get_state` (same task); returns the frame it shows."""
-        state = np.asarray(state, dtype=np.float64)
+        state = np.array(state, dtype=np.float64)  # a copy: MuJoCo refuses read-only wire buffers
         if state.shape != (self.state_size,):
             raise ValueError(f"{self.task}: sim state must be float64 [{self.state_size}], got {list(state.shape)}")
         env = self.env
         layout, head, mj_state = np.split(state, [self.layout_size, self.layout_size + self._HEAD])
         if env._last_rand_vec is None or not np.array_equal(layout, env._last_rand_vec):
-            self._reset_with_layout(layout)  # the layout also sets the goal and reward bookkeeping
+            self._reset_with_layout(layout, render=False)  # the layout also sets the goal and reward bookkeeping
         env.curr_path_length = int(head[0])
         self._success = bool(head[1])
         env._prev_obs = head[2:20].copy()
         mujoco.mj_setState(env.model, env.data, mj_state, _STATE_KIND)
         mujoco.mj_forward(env.model, env.data)
+        mujoco.mj_setState(env.model, env.data, mj_state, _STATE_KIND)  # mj_forward overwrote the warm start
         for site in env._target_site_config:
             env._set_pos_site(*site)
         raw = np.hstack([env._get_curr_obs_combined_no_goal(), head[20:38], env._get_pos_goal()])
-        return self._frame(np.clip(raw, env.sawyer_observation_space.low, env.sawyer_observation_space.high))
+        return self._frame(np.clip(raw, env.sawyer_observation_space.low, env.sawyer_observation_space.high), render)
 
     def close(self) -> None:
         if self.renderer is not None:

@@ -12,10 +12,10 @@ from rise.model_host import ModelHost, ModelServiceConfig, load_by_kind, respons
 from rise.observations import check_advantage_bins, decode_state, decode_views, stack_views
 from rise.proto.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from rise.serving import RunningServer
-from rise.tensors import to_tensor
-from services.policy import linear
+from rise.tensors import from_tensor, to_tensor
+from services.policy import linear, scripted_expert
 
-KINDS = {linear.KIND: linear.load}
+KINDS = {linear.KIND: linear.load, scripted_expert.KIND: scripted_expert.load}
 
 
 class PolicyConfig(ModelServiceConfig):
@@ -32,16 +32,21 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if not observations:
             raise InvalidArgument(f"{where}: no observations")
         loaded = self.host.get(model_ref)
-        views, states = [], []
+        # Only privileged models (the scripted expert) get the simulator state; learned ones must not.
+        privileged = getattr(loaded.model, "needs_sim_state", False)
+        views, states, sim_states = [], [], []
         for i, obs in enumerate(observations):
             at = f"{where}[{i}]" if len(observations) > 1 else where
             views.append(decode_views(obs.views, self.embodiment, at))
             states.append(decode_state(obs.state, self.embodiment, at))
+            if privileged:
+                sim_states.append(from_tensor(obs.sim_state, f"{at}.sim_state", "float64", (None,))
+                                  if obs.HasField("sim_state") else None)
         bins = check_advantage_bins(bins, len(observations), where)
         compute_start = time.perf_counter()
         actions = await asyncio.to_thread(
             loaded.model.act, stack_views(views, self.embodiment), np.stack(states),
-            [o.task for o in observations], bins, num_steps, seed)
+            [o.task for o in observations], bins, num_steps, seed, **({"sim_states": sim_states} if privileged else {}))
         want = (len(observations), self.embodiment.chunk_length, self.embodiment.action_dim)
         if actions.shape != want:
             raise RuntimeError(f"model {loaded.version} returned actions {list(actions.shape)}, expected {list(want)}")

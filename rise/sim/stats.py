@@ -1,0 +1,36 @@
+"""Success-rate statistics for evaluations with few episodes."""
+
+from __future__ import annotations
+
+import math
+
+# The standard normal's 97.5% quantile: a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a success rate (Wilson 1927).
+
+    Chosen over the normal ("Wald") interval because evaluations have 10-50 episodes and
+    rates near 0 or 1, where Wald collapses to zero width (0/10 would claim [0, 0]).
+    No trials: nothing is known, (0, 1).
+    """
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in 0..trials, got {successes} of {trials}")
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    z2 = z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    # At 0/n and n/n the bound is exactly 0 or 1; the formula leaves rounding noise there.
+    lo = 0.0 if successes == 0 else centre - half
+    hi = 1.0 if successes == trials else centre + half
+    return lo, hi
+
+
+def format_rate(successes: int, trials: int) -> str:
+    """'85% [64, 95] (17/20)': the rate, its 95% Wilson interval in percent, and the counts."""
+    lo, hi = wilson_interval(successes, trials)
+    rate = successes / trials if trials else float("nan")
+    return f"{rate:.0%} [{lo * 100:.0f}, {hi * 100:.0f}] ({successes}/{trials})"
