@@ -15,12 +15,13 @@ UV_DIR      := $(VENV)/.uv-$(UV_VERSION)
 export REDIS_URL
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv install protos protos-check lock test demo bench clean distclean
+.PHONY: help venv install triton protos protos-check lock test demo bench clean distclean
 
 help:
 	@echo "make demo          start the model services locally and call each once"
 	@echo "make test          run the tests (needs Redis at REDIS_URL=$(REDIS_URL))"
 	@echo "make install       create $(VENV) (Python 3.12) and install requirements.lock + the project"
+	@echo "make triton        install nvidia-pytriton and Triton's stub venv (make test does it)"
 	@echo "make protos        regenerate rise/proto/v1 from protos/  (protos-check: verify they are fresh)"
 	@echo "make lock          regenerate requirements.lock with uv $(UV_VERSION)"
 	@echo "make bench         gRPC overhead benchmark"
@@ -70,6 +71,20 @@ $(STAMP): $(VENV)/.deps pyproject.toml $(PACKAGES)
 
 install: $(STAMP)
 
+TRITON_STUB := $(VENV)/triton-stub
+
+# NVIDIA Triton through nvidia-pytriton 0.7.0 next to numpy 2: pytriton goes into $(VENV) without
+# its numpy<2 pin (--no-deps; its other dependencies are pinned in the file and change no locked
+# version); Triton's Python-backend stub, built for numpy 1.x, gets a small venv of its own.
+$(VENV)/.triton: triton/requirements-pytriton.txt triton/requirements-stub.txt | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r triton/requirements-pytriton.txt
+	rm -rf $(TRITON_STUB)
+	$(PY) -m venv --without-pip $(TRITON_STUB)
+	$(PY) -m pip --python $(TRITON_STUB)/bin/python install --quiet --no-deps --require-hashes -r triton/requirements-stub.txt
+	@touch $@
+
+triton: $(VENV)/.triton
+
 # --- code generation / locking ------------------------------------------------------------
 
 protos: $(STAMP)
@@ -82,6 +97,8 @@ protos-check: $(STAMP)
 lock: | $(PY)
 	@[ -x $(UV_DIR)/bin/uv ] || $(PY) -m pip install --quiet --target $(UV_DIR) uv==$(UV_VERSION)
 	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra dev --extra triton --extra data --python-version 3.12 --generate-hashes -o requirements.lock >/dev/null
+	$(UV_DIR)/bin/uv pip compile triton/requirements-pytriton.in --no-deps --python-version 3.12 --generate-hashes -o triton/requirements-pytriton.txt >/dev/null
+	$(UV_DIR)/bin/uv pip compile triton/requirements-stub.in --python-version 3.12 --generate-hashes -o triton/requirements-stub.txt >/dev/null
 	@echo "wrote requirements.lock"
 
 # --- running ------------------------------------------------------------------------------
@@ -105,7 +122,7 @@ except Exception as exc:
 endef
 export REDIS_CHECK
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.triton
 	@$(PY) -c "$$REDIS_CHECK" "$(REDIS_URL)"
 	@$(PY) -c "import ctypes.util, sys; ctypes.util.find_library('EGL') or sys.exit('make test: MuJoCo renders through EGL, which is missing: sudo apt-get install libegl1 libgl1-mesa-dri')"
 	$(PY) -m pytest $(PYTEST_ARGS)
