@@ -152,7 +152,8 @@ def _register_commands() -> None:
     import importlib
 
     for module, target in (("rise.data.collect", data_app), ("rise.data.convert", data_app), ("rise.data.stats", data_app),
-                           ("rise.sim.evaluate", app), ("rise.triton_binding", app)):
+                           ("rise.sim.evaluate", app), ("rise.triton_binding", app),
+                           ("services.dynamics.evaluate", app)):
         importlib.import_module(module).register(target)
 
 
