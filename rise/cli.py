@@ -17,6 +17,8 @@ models_app = typer.Typer(help="The model registry: versions and aliases.", no_ar
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Robot datasets (LeRobot v3): collect, convert, statistics.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Train a model from LeRobot datasets and publish it to the registry.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 
 STORE = typer.Option(Path("model_store"), "--store", envvar="RISE_REGISTRY_ROOT", help="Model registry root.")
@@ -153,7 +155,9 @@ def _register_commands() -> None:
 
     for module, target in (("rise.data.collect", data_app), ("rise.data.convert", data_app), ("rise.data.stats", data_app),
                            ("rise.sim.evaluate", app), ("rise.triton_binding", app),
-                           ("services.dynamics.evaluate", app)):
+                           ("services.dynamics.evaluate", app), ("services.dynamics.train", train_app),
+                           ("services.value.train", train_app), ("services.value.label", app),
+                           ("services.policy.train", train_app)):
         importlib.import_module(module).register(target)
 
 

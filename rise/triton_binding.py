@@ -78,6 +78,8 @@ ERROR_OUTPUT = "error"
 # Service name -> "module:adapter class". The value and policy services add theirs here.
 ADAPTERS = {
     "dynamics": "services.dynamics.triton:DynamicsTriton",
+    "value": "services.value.triton:ValueTriton",
+    "policy": "services.policy.triton:PolicyTriton",
 }
 
 _REGISTRY_VERSION = re.compile(r"^v(\d+)$")

@@ -28,9 +28,9 @@ from rise.observations import decode_actions, decode_views, stack_views
 from rise.proto.v1 import dynamics_pb2, dynamics_pb2_grpc
 from rise.serving import RunningServer
 from rise.tensors import from_tensor, to_tensor
-from services.dynamics import oracle, persistence
+from services.dynamics import oracle, persistence, sampler
 
-KINDS = {persistence.KIND: persistence.load, oracle.KIND: oracle.load}
+KINDS = {persistence.KIND: persistence.load, oracle.KIND: oracle.load, sampler.KIND: sampler.load}
 
 
 class DynamicsConfig(ModelServiceConfig):

@@ -1,31 +1,53 @@
-"""`rise serve policy`: PolicyService (Act, ActBatch, StreamAct) + ModelAdmin."""
+"""`rise serve policy`: PolicyService (Act, ActBatch, StreamAct) + ModelAdmin.
+
+Concurrent requests (unary, batched and streamed alike) for the same version and number of
+denoising steps are merged into one model call by the dynamic batcher (`rise.batching`); each
+request still names its own version or alias, and its response the version that served it.
+Requests with a non-zero seed run alone: a learned policy's noise depends on the item's
+position in the call, and a seeded caller expects the chunk it would get unbatched. Requests
+for a privileged model (the scripted expert, which fails per item on a bad sim state) run alone
+too, so one caller's bad input never fails another's request.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
+from typing import NamedTuple
 
 import numpy as np
 
+from rise.batching import Batcher, BatchingConfig
 from rise.errors import InvalidArgument
-from rise.model_host import ModelHost, ModelServiceConfig, load_by_kind, response_meta, start_model_service
+from rise.model_host import LoadedModel, ModelHost, ModelServiceConfig, load_by_kind, response_meta, start_model_service
 from rise.observations import check_advantage_bins, decode_state, decode_views, stack_views
 from rise.proto.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from rise.serving import RunningServer
 from rise.tensors import from_tensor, to_tensor
-from services.policy import linear, scripted_expert
+from services.policy import linear, model, scripted_expert
 
-KINDS = {linear.KIND: linear.load, scripted_expert.KIND: scripted_expert.load}
+KINDS = {linear.KIND: linear.load, scripted_expert.KIND: scripted_expert.load, model.KIND: model.load}
 
 
 class PolicyConfig(ModelServiceConfig):
     model_name: str = "policy"
+    # Merging of concurrent Act / ActBatch / StreamAct requests into one model call.
+    batching: BatchingConfig = BatchingConfig()
+
+
+class _Item(NamedTuple):
+    views: dict[str, np.ndarray]  # view -> uint8 [H, W, 3]
+    state: np.ndarray  # float32 [S]
+    task: str
+    advantage_bin: int
+    sim_state: np.ndarray | None  # float64 [n], privileged models only
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, host: ModelHost):
+    def __init__(self, host: ModelHost, batching: BatchingConfig = BatchingConfig()):
         self.host = host
         self.embodiment = host.embodiment
+        self.batcher = Batcher(batching, "policy")
 
     async def _act(self, observations, model_ref: str, bins, num_steps: int, seed: int, where: str):
         start = time.perf_counter()
@@ -34,28 +56,39 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         loaded = self.host.get(model_ref)
         # Only privileged models (the scripted expert) get the simulator state; learned ones must not.
         privileged = getattr(loaded.model, "needs_sim_state", False)
-        views, states, sim_states = [], [], []
+        if num_steps < 0:
+            raise InvalidArgument(f"{where}: num_steps must be >= 0 (0: the model's default), got {num_steps}")
+        bins = check_advantage_bins(bins, len(observations), where)
+        items = []
         for i, obs in enumerate(observations):
             at = f"{where}[{i}]" if len(observations) > 1 else where
-            views.append(decode_views(obs.views, self.embodiment, at))
-            states.append(decode_state(obs.state, self.embodiment, at))
-            if privileged:
-                sim_states.append(from_tensor(obs.sim_state, f"{at}.sim_state", "float64", (None,))
-                                  if obs.HasField("sim_state") else None)
-        bins = check_advantage_bins(bins, len(observations), where)
-        compute_start = time.perf_counter()
-        actions = await asyncio.to_thread(
-            loaded.model.act, stack_views(views, self.embodiment), np.stack(states),
-            [o.task for o in observations], bins, num_steps, seed, **({"sim_states": sim_states} if privileged else {}))
-        want = (len(observations), self.embodiment.chunk_length, self.embodiment.action_dim)
-        if actions.shape != want:
-            raise RuntimeError(f"model {loaded.version} returned actions {list(actions.shape)}, expected {list(want)}")
+            sim_state = None
+            if privileged and obs.HasField("sim_state"):
+                sim_state = from_tensor(obs.sim_state, f"{at}.sim_state", "float64", (None,))
+            items.append(_Item(decode_views(obs.views, self.embodiment, at), decode_state(obs.state, self.embodiment, at),
+                               obs.task, int(bins[i]), sim_state))
+        # Seeded requests and privileged models (per-item errors, no gain from merging) run alone.
+        key = None if seed or privileged else (loaded.version, num_steps)
+        done = await self.batcher.submit(key, items, functools.partial(self._run, loaded, num_steps, seed))
         chunks = [
-            common_pb2.ActionChunk(actions=to_tensor(a.astype(np.float32)), control_hz=self.embodiment.control_hz,
+            common_pb2.ActionChunk(actions=to_tensor(a), control_hz=self.embodiment.control_hz,
                                    observation_timestamp_ns=obs.timestamp_ns)
-            for a, obs in zip(actions, observations)
+            for a, obs in zip(done.results, observations)
         ]
-        return chunks, response_meta(loaded, start, (time.perf_counter() - compute_start) * 1000)
+        return chunks, response_meta(loaded, start, done.compute_ms, done.queue_ms)
+
+    def _run(self, loaded: LoadedModel, num_steps: int, seed: int, items: list[_Item]) -> list[np.ndarray]:
+        """One model call for a (merged) batch, in a worker thread -> one float32 [chunk, A] per item."""
+        extra = {}
+        if getattr(loaded.model, "needs_sim_state", False):
+            extra = {"sim_states": [it.sim_state for it in items]}
+        actions = loaded.model.act(stack_views([it.views for it in items], self.embodiment), np.stack([it.state for it in items]),
+                                   [it.task for it in items], np.asarray([it.advantage_bin for it in items], np.int64),
+                                   num_steps, seed, **extra)
+        want = (len(items), self.embodiment.chunk_length, self.embodiment.action_dim)
+        if np.shape(actions) != want:
+            raise RuntimeError(f"model {loaded.version} returned actions {list(np.shape(actions))}, expected {list(want)}")
+        return list(np.asarray(actions, np.float32))
 
     async def Act(self, request, context):
         chunks, meta = await self._act([request.observation], request.model.version, [request.advantage_bin],
@@ -75,6 +108,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
 
 async def start(config: PolicyConfig) -> RunningServer:
-    running, _ = await start_model_service("policy", config, load_by_kind(KINDS, "policy"), PolicyServicer,
+    running, _ = await start_model_service("policy", config, load_by_kind(KINDS, "policy"),
+                                           lambda host: PolicyServicer(host, config.batching),
                                            policy_pb2_grpc.add_PolicyServiceServicer_to_server)
     return running

@@ -1,0 +1,139 @@
+"""The learned world model (services/dynamics): the tiny tier trains, publishes, loads and imagines.
+
+One MetaWorld dataset is collected for the module (2 short episodes), the tiny config is trained
+on it once (both stages), and the other tests use that run and its registry version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rise.embodiment import PRESETS
+from rise.errors import InvalidArgument
+from rise.registry import Registry
+
+EMB = PRESETS["metaworld"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from rise.data.collect import collect
+
+    root = tmp_path_factory.mktemp("dynamics-data") / "reach"
+    collect("reach", 2, root, noise=0.3, workers=1, max_steps=40, after_success=40, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    from services.dynamics.model import load_model_config
+    from services.dynamics.train import train
+
+    folder = tmp_path_factory.mktemp("dynamics-run")
+    summary = train(load_model_config("tiny"), [dataset], folder / "run", registry=folder / "store", publish=True,
+                    progress=False, log=lambda *args: None)
+    return summary, folder / "run", Registry(folder / "store")
+
+
+@pytest.fixture(scope="module")
+def world(trained):
+    from rise.model_host import load_by_kind
+    from services.dynamics.server import KINDS
+
+    _, _, registry = trained
+    return load_by_kind(KINDS, "dynamics")(registry.open("dynamics", "latest"), EMB)
+
+
+def inputs(batch: int, history: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    frames = {v: rng.integers(0, 256, (batch, history, EMB.image_height, EMB.image_width, 3), dtype=np.uint8)
+              for v in EMB.views}
+    return frames, rng.uniform(-1, 1, (batch, EMB.chunk_length, EMB.action_dim)).astype(np.float32)
+
+
+def test_tiny_model_trains_and_its_loss_falls(trained):
+    summary, run, _ = trained
+    metrics = summary["metrics"]
+    # Fixed held-out batch and noise before and after stage 2: a fair comparison.
+    assert metrics["flow_loss_eval"] < 0.9 * metrics["flow_loss_eval_start"], metrics
+    assert metrics["loss_autoencoder_last"] < metrics["loss_autoencoder_first"], metrics
+    for name in ("model.safetensors", "config.yaml", "action_normalizer.json"):
+        assert (run / "model" / name).is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert Path(summary["gif"]).is_file()
+    normalizer = json.loads((run / "model" / "action_normalizer.json").read_text())
+    assert normalizer["mode"] == "min_max" and len(normalizer["low"]) == EMB.action_dim
+
+
+def test_published_version_imagines_shapes_and_seeds(trained, world):
+    from services.dynamics.sampler import KIND
+
+    _, _, registry = trained
+    manifest = registry.manifest("dynamics", registry.resolve("dynamics", "latest"))
+    assert manifest.kind == KIND and manifest.config["tier"] == "tiny" and "psnr_imagined" in manifest.metrics
+    history, actions = inputs(2, world.history)
+    out = world.imagine(history, actions, num_steps=2, seed=7)
+    assert sorted(out) == sorted(EMB.views)
+    for frames in out.values():
+        assert frames.dtype == np.uint8 and frames.shape == (2, world.future_frames, 64, 64, 3)
+    again = world.imagine(history, actions, num_steps=2, seed=7)
+    other = world.imagine(history, actions, num_steps=2, seed=8)
+    assert all(np.array_equal(out[v], again[v]) for v in EMB.views)
+    assert any(not np.array_equal(out[v], other[v]) for v in EMB.views)
+    # An item's noise depends on (seed, position) only, not on the rest of the batch.
+    single = world.imagine({v: f[:1] for v, f in history.items()}, actions[:1], num_steps=2, seed=7)
+    assert all(np.abs(single[v].astype(int) - out[v][:1].astype(int)).max() <= 1 for v in EMB.views)
+    default = world.imagine(history, actions, num_steps=0, seed=7)  # 0 -> the config's default
+    assert default[EMB.views[0]].shape == out[EMB.views[0]].shape
+
+
+def test_bad_inputs_are_invalid_arguments(world):
+    history, actions = inputs(1, world.history + 1)
+    with pytest.raises(InvalidArgument, match=f"history of {world.history} frames"):
+        world.imagine(history, actions)
+    history, actions = inputs(1, world.history)
+    with pytest.raises(InvalidArgument, match="actions must be"):
+        world.imagine(history, actions[:, :3])
+    with pytest.raises(InvalidArgument, match="lacks view"):
+        world.imagine({EMB.views[0]: history[EMB.views[0]]}, actions)
+
+
+def test_cli_resume_extends_a_run(dataset, trained):
+    import torch
+    import typer
+    from typer.testing import CliRunner
+
+    from services.dynamics.train import CHECKPOINT, register, train
+    from services.dynamics.model import load_model_config
+
+    summary, run, _ = trained
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(load_model_config("tiny"), [dataset], run, progress=False, log=lambda *a: None)
+    app = typer.Typer()
+    register(app)
+    steps = load_model_config(run / "config.yaml").training.transformer.steps + 3
+    result = CliRunner().invoke(app, ["--data", str(dataset), "--out", str(run), "--resume", "--steps", str(steps)])
+    assert result.exit_code == 0, result.output
+    checkpoint = torch.load(run / CHECKPOINT, weights_only=False)
+    assert checkpoint["stage"] == "transformer" and checkpoint["step"] == steps
+
+
+def test_configs_validate_and_paper_has_the_reference_sizes():
+    from rise.config import ConfigError
+    from services.dynamics.model import load_model_config
+
+    tiny, small, paper = (load_model_config(t) for t in ("tiny", "small", "paper"))
+    assert small.height == 64 and small.future_frames * small.frame_stride == EMB.chunk_length
+    assert tiny.sequence_length < small.sequence_length < paper.sequence_length
+    assert (paper.transformer.num_layers, paper.transformer.num_attention_heads, paper.transformer.attention_head_dim) == (28, 32, 64)
+    assert (paper.height, paper.width, paper.history, paper.future_frames) == (192, 256, 4, 25)
+    assert (paper.action_tokens, paper.action_encoder.pad_dim, paper.action_encoder.num_layers) == (25, 30, 6)
+    assert paper.autoencoder.spatial_compression == 32 and paper.future_latent_frames == 4
+    with pytest.raises(ConfigError, match="frame_stride"):
+        load_model_config("tiny", {"frame_stride": 3})
+    with pytest.raises(ConfigError, match="extra"):
+        load_model_config("tiny", {"transformer.layers": 3})
