@@ -97,7 +97,9 @@ class DatasetWriter:
             frame["success"] = np.array([episode.success])
             frame["task"] = episode.task
             self.dataset.add_frame(frame)
-        self.dataset.save_episode()
+        # Sequential encoding: LeRobot's parallel mode forks a process pool from this (threaded)
+        # process, which deadlocked `rise data collect --workers 2` once (fork after threads).
+        self.dataset.save_episode(parallel_encoding=False)
 
     def finalize(self) -> None:
         self.dataset.finalize()

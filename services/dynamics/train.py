@@ -34,7 +34,6 @@ import typer
 from services.dynamics.model import DynamicsModelConfig, load_model_config
 
 CHECKPOINT = "checkpoint.pt"
-STAGES = ("autoencoder", "transformer")
 
 
 # ---- data -----------------------------------------------------------------------------------------
