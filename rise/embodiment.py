@@ -6,6 +6,7 @@ version whose embodiment differs from its own.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -89,3 +90,26 @@ def load_embodiment(name_or_path: str | Path) -> Embodiment:
     if not path.is_file():
         raise ValueError(f"unknown embodiment {name_or_path!r}: use one of {sorted(PRESETS)} or a YAML file path")
     return Embodiment.model_validate(yaml.safe_load(path.read_text()))
+
+
+class ModelTierConfig(StrictModel):
+    """The part every learned model's config shares: its tier, embodiment and image size."""
+
+    tier: str = "custom"
+    # Embodiment preset name or YAML path: views, state/action dims, chunk length.
+    embodiment: str = "metaworld"
+    # The model's image size (None: the embodiment's); frames of another size are resized.
+    image_height: int | None = None
+    image_width: int | None = None
+
+    @cached_property
+    def embodiment_spec(self) -> Embodiment:
+        return load_embodiment(self.embodiment)
+
+    @property
+    def height(self) -> int:
+        return self.image_height or self.embodiment_spec.image_height
+
+    @property
+    def width(self) -> int:
+        return self.image_width or self.embodiment_spec.image_width

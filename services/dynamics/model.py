@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from rise.config import StrictModel
+from rise.embodiment import ModelTierConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TIERS = ("tiny", "small", "paper")
@@ -166,13 +166,7 @@ class TrainingConfig(StrictModel):
     eval_windows: int = Field(16, gt=0)
 
 
-class DynamicsModelConfig(StrictModel):
-    tier: str = "custom"
-    # Embodiment preset name or YAML path: views, action dims, chunk length.
-    embodiment: str = "metaworld"
-    # The model's image size; frames of another size are resized on the way in and out.
-    image_height: int | None = None
-    image_width: int | None = None
+class DynamicsModelConfig(ModelTierConfig):
     # Frames of every view given as context (the service refuses other lengths).
     history: int = Field(4, gt=0)
     # Control ticks between consecutive frames; future frames = chunk_length / frame_stride.
@@ -185,20 +179,6 @@ class DynamicsModelConfig(StrictModel):
     transformer: TransformerConfig = TransformerConfig()
     action_encoder: ActionEncoderConfig = ActionEncoderConfig()
     training: TrainingConfig = TrainingConfig()
-
-    @cached_property
-    def embodiment_spec(self):
-        from rise.embodiment import load_embodiment
-
-        return load_embodiment(self.embodiment)
-
-    @property
-    def height(self) -> int:
-        return self.image_height or self.embodiment_spec.image_height
-
-    @property
-    def width(self) -> int:
-        return self.image_width or self.embodiment_spec.image_width
 
     @property
     def future_frames(self) -> int:

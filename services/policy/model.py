@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import threading
 import zlib
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +50,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from rise.config import StrictModel
+from rise.embodiment import ModelTierConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TIERS = ("tiny", "small", "paper")
@@ -125,13 +125,7 @@ class TrainingConfig(StrictModel):
     eval_windows: int = Field(32, gt=0)
 
 
-class PolicyModelConfig(StrictModel):
-    tier: str = "custom"
-    # Embodiment preset name or YAML path: views, state/action dims, chunk length.
-    embodiment: str = "metaworld"
-    # The model's image size; views of another size are resized on the way in.
-    image_height: int | None = None
-    image_width: int | None = None
+class PolicyModelConfig(ModelTierConfig):
     # Euler steps when a request asks for 0 (the reference: 10).
     default_num_steps: int = Field(10, gt=0)
     # > 1: classifier-free guidance towards the requested bin (costs a second forward pass).
@@ -141,20 +135,6 @@ class PolicyModelConfig(StrictModel):
     transformer: TransformerConfig = TransformerConfig()
     flow: FlowConfig = FlowConfig()
     training: TrainingConfig = TrainingConfig()
-
-    @cached_property
-    def embodiment_spec(self):
-        from rise.embodiment import load_embodiment
-
-        return load_embodiment(self.embodiment)
-
-    @property
-    def height(self) -> int:
-        return self.image_height or self.embodiment_spec.image_height
-
-    @property
-    def width(self) -> int:
-        return self.image_width or self.embodiment_spec.image_width
 
     @property
     def prefix_tokens(self) -> int:

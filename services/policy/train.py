@@ -318,42 +318,15 @@ def register(train_app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, e.g. training.lr=1e-4."),
     ) -> None:
         """Train the advantage-conditioned flow-matching policy (imitation or RECAP-style); publish it."""
-        from rich.console import Console
-        from rich.syntax import Syntax
+        from rise.training import run_training_command
 
-        from rise.config import ConfigError, dump_config
-
-        console = Console(stderr=True)
         overrides: dict[str, Any] = {}
-        for item in set_:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise typer.BadParameter(f"--set wants KEY=VALUE, got {item!r}")
-            overrides[key.strip()] = value
         if steps is not None:
             overrides["training.steps"] = steps
         if mode is not None:
             if mode not in MODES:
-                console.print(f"[red]error:[/red] --mode must be one of {', '.join(MODES)}, got {mode!r}")
-                raise typer.Exit(2)
+                raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
             overrides["training.mode"] = mode
-        try:
-            if resume and (out / "config.yaml").is_file():
-                cfg = load_model_config(out / "config.yaml", overrides)  # the run's own config
-            else:
-                cfg = load_model_config(config, overrides)
-        except (ConfigError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
-        if publish and registry is None:
-            console.print("[red]error:[/red] --publish needs --registry (or RISE_REGISTRY_ROOT)")
-            raise typer.Exit(2)
-        console.print("[bold]rise train policy[/bold] with config:")
-        console.print(Syntax(dump_config(cfg), "yaml"))
-        try:
-            summary = train(cfg, data, out, init=None if resume else init, resume=resume, registry=registry,
-                            publish=publish, device=device, threads=threads, log=console.print)
-        except (FileExistsError, FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1)
-        console.print_json(json.dumps(summary))
+        run_training_command("policy", load_model_config, train, config=config, data=data, out=out, resume=resume,
+                             registry=registry, publish=publish, set_items=set_, overrides=overrides,
+                             init=None if resume else init, device=device, threads=threads)

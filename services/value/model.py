@@ -23,7 +23,6 @@ against an EMA target network with terminal rewards (+1 success, -0.6 failure).
 from __future__ import annotations
 
 import threading
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from rise.config import StrictModel
+from rise.embodiment import ModelTierConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TIERS = ("tiny", "small", "paper")
@@ -98,31 +98,11 @@ class TrainingConfig(StrictModel):
     eval_episodes: int = Field(0, ge=0)
 
 
-class ValueModelConfig(StrictModel):
-    tier: str = "custom"
-    # Embodiment preset name or YAML path: the views and their image size.
-    embodiment: str = "metaworld"
-    # The encoder's input size; frames of another size are resized on the way in.
-    image_height: int | None = None
-    image_width: int | None = None
+class ValueModelConfig(ModelTierConfig):
     encoder: EncoderConfig = EncoderConfig()
     text: TextConfig = TextConfig()
     head: HeadConfig = HeadConfig()
     training: TrainingConfig = TrainingConfig()
-
-    @cached_property
-    def embodiment_spec(self):
-        from rise.embodiment import load_embodiment
-
-        return load_embodiment(self.embodiment)
-
-    @property
-    def height(self) -> int:
-        return self.image_height or self.embodiment_spec.image_height
-
-    @property
-    def width(self) -> int:
-        return self.image_width or self.embodiment_spec.image_width
 
     @model_validator(mode="after")
     def _check(self) -> "ValueModelConfig":

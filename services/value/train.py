@@ -318,39 +318,13 @@ def register(train_app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, e.g. training.lr=3e-4."),
     ) -> None:
         """Train the progress value model: progress regression, then TD with an EMA target; publish it."""
-        from rich.console import Console
-        from rich.syntax import Syntax
+        from rise.training import run_training_command
 
-        from rise.config import ConfigError, dump_config
-
-        console = Console(stderr=True)
         overrides: dict[str, Any] = {}
-        for item in set_:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise typer.BadParameter(f"--set wants KEY=VALUE, got {item!r}")
-            overrides[key.strip()] = value
         if steps is not None:
             overrides["training.td_steps"] = steps
         if progress_steps is not None:
             overrides["training.progress_steps"] = progress_steps
-        try:
-            if resume and (out / "config.yaml").is_file():
-                cfg = load_model_config(out / "config.yaml", overrides)  # the run's own config
-            else:
-                cfg = load_model_config(config, overrides)
-        except (ConfigError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
-        if publish and registry is None:
-            console.print("[red]error:[/red] --publish needs --registry (or RISE_REGISTRY_ROOT)")
-            raise typer.Exit(2)
-        console.print("[bold]rise train value[/bold] with config:")
-        console.print(Syntax(dump_config(cfg), "yaml"))
-        try:
-            summary = train(cfg, data, out, resume=resume, registry=registry, publish=publish, device=device,
-                            threads=threads, log=console.print)
-        except (FileExistsError, FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1)
-        console.print_json(json.dumps(summary))
+        run_training_command("value", load_model_config, train, config=config, data=data, out=out, resume=resume,
+                             registry=registry, publish=publish, set_items=set_, overrides=overrides,
+                             device=device, threads=threads)
