@@ -75,17 +75,33 @@ class Frame:
     sim_state: np.ndarray  # float64 [state_size]
 
 
+def _make_env(name: str):
+    """One environment with MT1's settings (goal visible in the observation), built directly.
+
+    `metaworld.MT1` pre-samples 50 layouts from an unseeded generator and asserts they are
+    distinct, which now and then fails ("Only generated 48 unique goals"); we draw layouts
+    ourselves at reset anyway, so one deterministic layout is all the task needs.
+    """
+    from metaworld import _encode_task
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
+
+    cls = ALL_V3_ENVIRONMENTS[name]
+    kwargs = {k: v for k, v in ML1_ARGS_KWARGS[name]["kwargs"].items() if k != "task_id"}
+    env = cls()
+    env._freeze_rand_vec, env._set_task_called = False, True
+    env._set_task_inner(**kwargs)
+    env.reset(seed=0)  # seeds the env's generator: the same first layout in every process
+    env.set_task(_encode_task(name, dict(kwargs, rand_vec=env._last_rand_vec.copy(), env_cls=cls, partially_observable=False)))
+    return env
+
+
 class MetaWorldSim:
     def __init__(self, task: str, embodiment: Embodiment, max_steps: int = 200, render: bool = True):
-        import metaworld
-
         self.task = _env_name(task).removesuffix("-v3")
         self.embodiment = embodiment
         self.max_steps = max_steps
         name = _env_name(task)
-        benchmark = metaworld.MT1(name, seed=0)  # MT1 exposes the goal in the observation
-        self.env = benchmark.train_classes[name]()
-        self.env.set_task(benchmark.train_tasks[0])
+        self.env = _make_env(name)
         self.env.max_path_length = max_steps
         self.layout_size = len(self.env._last_rand_vec)
         self.mj_state_size = mujoco.mj_stateSize(self.env.model, _STATE_KIND)
