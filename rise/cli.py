@@ -26,7 +26,7 @@ STORE = typer.Option(Path("model_store"), "--store", envvar="RISE_REGISTRY_ROOT"
 
 @app.command()
 def serve(
-    service: str = typer.Argument(..., help="policy | value | dynamics"),
+    service: str = typer.Argument(..., help="policy | value | dynamics | trainer"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; RISE_* env vars override it."),
     port: Optional[int] = typer.Option(None, help="Override server.port."),
 ) -> None:
@@ -95,7 +95,7 @@ def models_publish(
 
 @models_app.command("baseline")
 def models_baseline(
-    model: str = typer.Argument(..., help="policy | value | dynamics"),
+    model: str = typer.Argument(..., help="policy | value | dynamics | trainer"),
     embodiment: str = typer.Option("metaworld"),
     alias: list[str] = typer.Option(["stable"], help="Aliases to point at it."),
     store: Path = STORE,
@@ -157,7 +157,7 @@ def _register_commands() -> None:
                            ("rise.sim.evaluate", app), ("rise.triton_binding", app),
                            ("services.dynamics.evaluate", app), ("services.dynamics.train", train_app),
                            ("services.value.train", train_app), ("services.value.label", app),
-                           ("services.policy.train", train_app)):
+                           ("services.policy.train", train_app), ("services.trainer.cli", train_app)):
         importlib.import_module(module).register(target)
 
 

@@ -12,11 +12,12 @@ SERVICES = {
     "policy": ("services.policy.server", "PolicyConfig"),
     "value": ("services.value.server", "ValueConfig"),
     "dynamics": ("services.dynamics.server", "DynamicsConfig"),
+    "trainer": ("services.trainer.server", "TrainerConfig"),
 }
 
 
 def service(name: str) -> tuple[type, Any]:
-    """(config class, async start(config) -> RunningServer) of a model service."""
+    """(config class, async start(config) -> RunningServer) of a service."""
     if name not in SERVICES:
         raise ValueError(f"unknown service {name!r}; choose one of {sorted(SERVICES)}")
     module_name, config_name = SERVICES[name]

@@ -26,7 +26,7 @@ from rise.errors import InvalidArgument
 from rise.model_host import LoadedModel, ModelHost, ModelServiceConfig, load_by_kind, response_meta, start_model_service
 from rise.observations import decode_actions, decode_views, stack_views
 from rise.proto.v1 import dynamics_pb2, dynamics_pb2_grpc
-from rise.serving import RunningServer
+from rise.serving import RunningServer, ServerConfig
 from rise.tensors import from_tensor, to_tensor
 from services.dynamics import oracle, persistence, sampler
 
@@ -35,6 +35,7 @@ KINDS = {persistence.KIND: persistence.load, oracle.KIND: oracle.load, sampler.K
 
 class DynamicsConfig(ModelServiceConfig):
     model_name: str = "dynamics"
+    server: ServerConfig = ServerConfig(port=50053)  # policy 50051, value 50052, dynamics 50053, trainer 50054
     # Merging of concurrent Imagine requests into one model call.
     batching: BatchingConfig = BatchingConfig()
 

@@ -20,7 +20,7 @@ from rise.errors import InvalidArgument
 from rise.model_host import LoadedModel, ModelHost, ModelServiceConfig, load_by_kind, response_meta, start_model_service
 from rise.observations import decode_views
 from rise.proto.v1 import value_pb2, value_pb2_grpc
-from rise.serving import RunningServer
+from rise.serving import RunningServer, ServerConfig
 from services.value import linear, model
 
 KINDS = {linear.KIND: linear.load, model.KIND: model.load}
@@ -28,6 +28,7 @@ KINDS = {linear.KIND: linear.load, model.KIND: model.load}
 
 class ValueConfig(ModelServiceConfig):
     model_name: str = "value"
+    server: ServerConfig = ServerConfig(port=50052)  # policy 50051, value 50052, dynamics 50053, trainer 50054
     # Merging of concurrent Score requests into one model call.
     batching: BatchingConfig = BatchingConfig()
 

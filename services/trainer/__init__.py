@@ -1,0 +1,1 @@
+"""RL in imagination: rollout workers, Redis replay, learner, ground-truth gate, TrainerService."""

@@ -1,0 +1,110 @@
+"""A trainer run's configuration: one YAML (`configs/default.yaml`) with a section per stage.
+
+Every default is the reference's setting where it has one (offline ratio 0.6, EMA 0.995, two
+chained chunks, ten advantage bins with the best prompted); sizes are the laptop's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from rise.config import StrictModel
+from services.trainer.replay import ReplayConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ServicesConfig(StrictModel):
+    # Model services by URL: grpc://host:port or triton://host:port[/model] (rise.transport).
+    policy: str = "grpc://127.0.0.1:50051"
+    value: str = "grpc://127.0.0.1:50052"
+    dynamics: str = "grpc://127.0.0.1:50053"
+    # Where the policy's ModelAdmin answers (gRPC); "" = the policy URL.
+    policy_admin: str = ""
+    timeout_s: float = Field(300.0, gt=0)
+    # Transient failures (a service restarting) are retried with exponential backoff.
+    retry_attempts: int = Field(10, ge=1)
+    retry_backoff_s: float = Field(0.5, gt=0)
+    retry_max_backoff_s: float = Field(8.0, gt=0)
+
+
+class RolloutConfig(StrictModel):
+    # Imagined episodes in flight; their calls are merged into one batch per service round.
+    workers: int = Field(8, ge=1)
+    # Imagined chunks chained from one real start before returning to the data (reference: 2).
+    max_chain: int = Field(2, ge=1)
+    # Alias (or version) of the rollout policy on the policy service.
+    policy_version: str = "candidate"
+    # The prompt: the best advantage bin.
+    advantage_bin: int = Field(10, ge=1, le=10)
+    # A = clamp(scale * mean(V(imagined) - V(current)), -1, 1).
+    advantage_scale: float = 5.0
+    # Denoising steps per call (0 = the model's default).
+    policy_steps: int = Field(0, ge=0)
+    dynamics_steps: int = Field(0, ge=0)
+    dynamics_version: str = ""
+    value_version: str = ""
+    # Stop after this many imagined samples (0 = until the learner is done).
+    max_samples: int = Field(0, ge=0)
+
+
+class LearnerConfig(StrictModel):
+    # Policy version to start from (alias or id in the registry) when the run has no checkpoint.
+    init_policy: str = "stable"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    # Each sample of a batch is offline with this probability (the paper's best: 0.6).
+    offline_ratio: float = Field(0.6, ge=0.0, le=1.0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # The rollout policy is an EMA of the learner's weights.
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    # Publish the EMA weights as a new version (and make it `candidate`) every K steps.
+    publish_every: int = Field(50, ge=1)
+    # Checkpoint (and acknowledge the replay samples used so far) every N steps.
+    checkpoint_every: int = Field(10, ge=1)
+    # Offline samples keep their labelled advantage bin where the dataset has one, else the null bin.
+    random_shift: int = Field(4, ge=0)
+    seed: int = 0
+    torch_threads: int | None = 1
+    # How long the learner waits for replay samples before filling the batch with offline ones.
+    replay_wait_s: float = Field(30.0, ge=0)
+
+
+class GateConfig(StrictModel):
+    # Evaluate `candidate` in the simulator every M published versions (0 = never).
+    every_versions: int = Field(2, ge=0)
+    task: str = ""  # "" = the first task of the offline data
+    episodes: int = Field(20, ge=1)
+    seed: int = 0
+    max_steps: int = 200
+    # Promote to `stable` only when the candidate beats stable with this one-sided confidence.
+    confidence: float = Field(0.9, gt=0.5, lt=1.0)
+    # Also evaluate the starting policy first, so there is a "before" to compare with.
+    evaluate_initial: bool = True
+
+
+class RunConfig(StrictModel):
+    # Run folder root: a run writes to <out>/<run_id>/ (checkpoint, metrics, gate history).
+    out: Path = Path("runs/trainer")
+    registry_root: Path = Path("model_store")
+    embodiment: str = "metaworld"
+    # Offline LeRobot datasets: imagined episodes start from their frames; the learner mixes them in.
+    data: list[Path] = []
+    services: ServicesConfig = ServicesConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    replay: ReplayConfig = ReplayConfig()
+    learner: LearnerConfig = LearnerConfig()
+    gate: GateConfig = GateConfig()
+    # Prometheus metrics port for this run's process (None: off).
+    metrics_port: int | None = None
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """The default config, or a YAML file, with dotted-key overrides on top."""
+    from rise.config import load_config
+
+    return load_config(RunConfig, path if path is not None else CONFIG_DIR / "default.yaml", overrides=overrides)

@@ -1,0 +1,167 @@
+"""Rollout workers: imagined episodes driven through the policy, dynamics and value services.
+
+Each worker holds one imagined episode. A round moves every worker one chunk forward with one
+batched call per service (the services see batches, not a trickle of single requests):
+
+    policy.act(current frames, state, task, best bin)        -> chunk          (alias `candidate`)
+    dynamics.imagine(frame history, chunk)                    -> imagined frames
+    value.score([current frame, imagined frames])             -> V
+    A = clamp(5 * mean(V(imagined) - V(current)), -1, 1), bin = digitize(A)   -> replay stream
+
+A worker chains at most `max_chain` imagined chunks (errors pile up in generated video), then
+restarts from a real frame of the offline data. The robot state is not imagined by the world
+model: a chained step keeps the state of its real start (a known approximation; the policy
+reads the imagined images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from rise.data.loading import EpisodesInMemory
+from rise.transport import call_with_retries
+from services.dynamics.oracle import KIND as ORACLE_KIND
+from services.trainer.config import RolloutConfig, ServicesConfig
+from services.trainer.replay import encode_sample
+
+BIN_EDGES = np.linspace(-1.0, 1.0, 11)[:-1]  # the reference's 10 uniform bins on [-1, 1]
+
+
+def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """V [B], V [B, F] -> (A [B] in [-1, 1], bin [B] in 1..10)."""
+    a = np.clip(scale * (values_imagined - values_current[:, None]).mean(axis=1), -1.0, 1.0)
+    return a.astype(np.float32), np.digitize(a, BIN_EDGES).astype(np.int64)
+
+
+@dataclass
+class ImaginedEpisode:
+    history: dict[str, np.ndarray]  # view -> uint8 [T, H, W, 3], oldest first, `stride` ticks apart
+    state: np.ndarray  # float32 [S]
+    task: str
+    sim_state: np.ndarray | None  # float64 [n] for privileged (oracle) dynamics
+    chain: int = 0  # imagined chunks so far
+
+
+@dataclass(frozen=True)
+class DynamicsShape:
+    """What the dynamics model wants: `history` frames `stride` control ticks apart (and sim states?)."""
+
+    history: int
+    stride: int
+    needs_sim_state: bool
+
+
+def dynamics_shape(registry, ref: str, chunk_length: int) -> DynamicsShape:
+    """Read from the dynamics version's manifest (the registry the services share)."""
+    manifest = registry.manifest("dynamics", registry.resolve("dynamics", ref or "stable"))
+    config = manifest.config
+    stride = int(config.get("frame_stride") or chunk_length // int(config.get("future_frames", chunk_length)))
+    return DynamicsShape(int(config.get("history", 1)), max(1, stride), manifest.kind == ORACLE_KIND)
+
+
+class StartStates:
+    """Real starting points drawn from the offline data."""
+
+    def __init__(self, episodes: EpisodesInMemory, shape: DynamicsShape, sim_states: Callable[[int], np.ndarray] | None):
+        self.episodes, self.shape, self.sim_states = episodes, shape, sim_states
+        # Starts leave room for a whole chunk chain inside the episode (the value of the frames is known there).
+        self.frames = np.arange(len(episodes))
+
+    def draw(self, rng: np.random.Generator) -> ImaginedEpisode:
+        e, shape = self.episodes, self.shape
+        g = int(rng.choice(self.frames))
+        episode = int(e.frame_episode[g])
+        first = int(e.episode_starts[episode])
+        back = np.maximum(g - np.arange(shape.history)[::-1] * shape.stride, first)
+        sim_state = None
+        if shape.needs_sim_state:
+            sim_state = np.asarray(self.sim_states(episode)[g - first], np.float64)
+        return ImaginedEpisode({v: e.views[v][back] for v in e.views}, e.states[g].copy(),
+                               e.tasks[int(e.frame_task_ids[g])], sim_state)
+
+
+class Rollouts:
+    """Runs `config.workers` imagined episodes in lock-step rounds; `round()` returns encoded samples."""
+
+    def __init__(self, config: RolloutConfig, services: ServicesConfig, clients, starts: StartStates, run_id: str,
+                 seed: int = 0, log=print):
+        self.config, self.services, self.starts, self.run_id, self.log = config, services, starts, run_id, log
+        self.policy, self.dynamics, self.value = clients
+        self.rng = np.random.default_rng([seed, 7])
+        self.workers = [starts.draw(self.rng) for _ in range(config.workers)]
+        self.rounds = 0
+        self.timing_s: dict[str, float] = {"policy": 0.0, "dynamics": 0.0, "value": 0.0}
+        self.advantages: list[float] = []  # recent ones, for the histogram
+
+    async def _call(self, what: str, fn):
+        s = self.services
+        return await call_with_retries(fn, attempts=s.retry_attempts, backoff_s=s.retry_backoff_s,
+                                       max_backoff_s=s.retry_max_backoff_s, what=what, log=self.log)
+
+    async def round(self, frame_encoding: str = "jpeg", jpeg_quality: int = 90) -> list[bytes]:
+        cfg, workers = self.config, self.workers
+        self.rounds += 1
+        seed = int(np.random.default_rng([self.rounds, 11]).integers(1, 2**62))
+        views = list(workers[0].history)
+        current = {v: np.stack([w.history[v][-1] for w in workers]) for v in views}
+        states = np.stack([w.state for w in workers]).astype(np.float32)
+        tasks = [w.task for w in workers]
+        timeout = self.services.timeout_s
+
+        t0 = time.perf_counter()
+        chunks = await self._call("policy.act", lambda: self.policy.act(
+            current, states, tasks, [cfg.advantage_bin] * len(workers), cfg.policy_steps, seed,
+            version=cfg.policy_version, timeout_s=timeout))
+        t1 = time.perf_counter()
+        history = {v: np.stack([w.history[v] for w in workers]) for v in views}
+        sim_states = [w.sim_state for w in workers] if self.starts.shape.needs_sim_state else None
+        imagined = await self._call("dynamics.imagine", lambda: self.dynamics.imagine(
+            history, chunks.actions, cfg.dynamics_steps, seed, version=cfg.dynamics_version, tasks=tasks,
+            sim_states=sim_states, timeout_s=timeout))
+        t2 = time.perf_counter()
+        scored = {v: np.concatenate([current[v][:, None], imagined.frames[v]], axis=1) for v in views}
+        scores = await self._call("value.score", lambda: self.value.score(
+            scored, tasks, version=cfg.value_version, timeout_s=timeout))
+        t3 = time.perf_counter()
+        values = np.asarray(scores.values, np.float32)
+        adv, bins = advantage(values[:, 0], values[:, 1:], cfg.advantage_scale)
+        timing = {"policy": (t1 - t0) * 1e3, "dynamics": (t2 - t1) * 1e3, "value": (t3 - t2) * 1e3}
+        for key, ms in timing.items():
+            self.timing_s[key] += ms / 1e3
+        self.advantages = (self.advantages + adv.tolist())[-4096:]
+
+        payloads = []
+        for b, w in enumerate(workers):
+            payloads.append(encode_sample(
+                views={v: current[v][b] for v in views}, state=w.state, task=w.task, actions=chunks.actions[b],
+                advantage=float(adv[b]), advantage_bin=int(bins[b]), policy_version=chunks.version,
+                dynamics_version=imagined.version, value_version=scores.version, chain_index=w.chain,
+                value_current=float(values[b, 0]), value_imagined=values[b, 1:].tolist(), timing_ms=timing,
+                run_id=self.run_id, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality))
+            # Move on: chain the imagined frames, or go back to a real start.
+            w.chain += 1
+            if w.chain >= cfg.max_chain:
+                workers[b] = self.starts.draw(self.rng)
+                continue
+            for v in views:
+                w.history[v] = np.concatenate([w.history[v], imagined.frames[v][b]])[-self.starts.shape.history:]
+            if sim_states is not None:
+                w.sim_state = imagined.sim_states[b]
+        return payloads
+
+
+async def open_clients(services: ServicesConfig):
+    """(policy, dynamics, value) clients for the configured URLs."""
+    from rise.transport import connect_dynamics, connect_policy, connect_value
+
+    return connect_policy(services.policy), connect_dynamics(services.dynamics), connect_value(services.value)
+
+
+def sleep_until(stop: asyncio.Event, seconds: float):
+    """Sleep that ends early when `stop` is set."""
+    return asyncio.wait_for(stop.wait(), seconds)

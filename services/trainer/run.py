@@ -1,0 +1,289 @@
+"""One RL-in-imagination run: rollouts and learner side by side, the gate now and then.
+
+    rollouts (asyncio, this process)  --Redis stream-->  learner (a thread: torch)
+         ^ policy `candidate` <-- publish every K steps (registry + ModelAdmin) --'
+                                   gate: simulator success every M versions -> `stable`
+
+Everything a run writes lives in `<out>/<run_id>/`: the learner checkpoint, `metrics.jsonl`,
+TensorBoard events, `gate.json`, `status.json`. Starting a run id that exists resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rise.config import dump_config
+from services.trainer.config import RunConfig
+
+STATES = ("pending", "running", "stopping", "stopped", "succeeded", "failed")
+
+
+@dataclass
+class Status:
+    run_id: str
+    state: str = "pending"
+    learner_step: int = 0
+    imagined_samples: int = 0
+    policy_version: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    started_unix_ms: int = 0
+    updated_unix_ms: int = 0
+
+
+class TrainerRun:
+    def __init__(self, config: RunConfig, run_id: str, log=print):
+        self.config, self.run_id, self.log = config, run_id, log
+        self.run_dir = Path(config.out) / run_id
+        self.status = Status(run_id, started_unix_ms=int(time.time() * 1000))
+        self._stop = threading.Event()  # seen by the learner thread and the rollout loop
+        self._stop_requested = False  # by a user (StopRun, Ctrl-C), not by the run's own end
+        self._watchers: list[asyncio.Queue] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gate_lock = asyncio.Lock()
+
+    # ---- status -------------------------------------------------------------------------------
+    def snapshot(self) -> Status:
+        self.status.updated_unix_ms = int(time.time() * 1000)
+        return Status(**{**asdict(self.status), "metrics": dict(self.status.metrics)})
+
+    def watch(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+        self._watchers.append(queue)
+        queue.put_nowait(self.snapshot())
+        return queue
+
+    def _changed(self) -> None:
+        """Called on the event loop: wake the watchers, keep status.json current."""
+        snap = self.snapshot()
+        for queue in self._watchers:
+            if queue.full():
+                queue.get_nowait()  # a slow watcher loses intermediate states, never the last
+            queue.put_nowait(snap)
+        if self.run_dir.exists():  # replaced whole, so a reader never sees half a file
+            tmp = self.run_dir / ".status.json.tmp"
+            tmp.write_text(json.dumps(asdict(snap), indent=2) + "\n")
+            tmp.replace(self.run_dir / "status.json")
+
+    def _from_thread(self, fn, *args) -> None:
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self) -> None:
+        """Ask the run to stop after the learner's current step (it checkpoints first)."""
+        self._stop_requested = True
+        if self.status.state in ("pending", "running"):
+            self.status.state = "stopping"
+            self._changed()
+        self._stop.set()
+
+    # ---- the run --------------------------------------------------------------------------------
+    async def run(self) -> Status:
+        self._loop = asyncio.get_running_loop()
+        self.status.state = "running"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        self._changed()
+        clients = []
+        try:
+            clients = await self._run()
+            self.status.state = "stopped" if self._stop_requested else "succeeded"
+        except Exception as exc:  # the run fails, the process (a TrainerService) lives on
+            import traceback
+
+            self.log(f"run {self.run_id} failed:\n{traceback.format_exc()}")
+            self.status.state, self.status.message = "failed", f"{type(exc).__name__}: {exc}"
+            self._stop.set()
+        finally:
+            for client in clients:
+                await client.close()
+            self._changed()
+            for queue in self._watchers:
+                queue.put_nowait(None)  # end of stream
+        return self.snapshot()
+
+    async def _run(self) -> list:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from rise.data.loading import episode_sim_states, load_episodes_in_memory
+        from rise.embodiment import load_embodiment
+        from rise.registry import Registry
+        from rise.sim.metaworld_sim import task_names
+        from rise.transport import connect_admin
+        from services.trainer.gate import Gate
+        from services.trainer.learner import Learner
+        from services.trainer.replay import ReplayQueue
+        from services.trainer.rollout import Rollouts, StartStates, dynamics_shape, open_clients
+
+        cfg = self.config
+        if not cfg.data:
+            raise ValueError("no offline data: set `data:` to one or more LeRobot dataset folders")
+        embodiment = load_embodiment(cfg.embodiment)
+        registry = Registry(cfg.registry_root)
+        episodes = await asyncio.to_thread(load_episodes_in_memory, cfg.data, embodiment)
+        shape = dynamics_shape(registry, cfg.rollout.dynamics_version, embodiment.chunk_length)
+        sim_cache: dict[int, np.ndarray] = {}
+
+        def sim_states(episode: int) -> np.ndarray:  # oracle dynamics restore recorded simulator states
+            if episode not in sim_cache:
+                root = episodes.roots[int(episodes.episode_dataset[episode])]
+                sim_cache[episode] = episode_sim_states(root, _local_episode(episodes, episode))
+            return sim_cache[episode]
+
+        replay = ReplayQueue(cfg.replay, f"{cfg.replay.stream}:{self.run_id}")
+        await asyncio.to_thread(replay.ensure_group)
+        learner = await asyncio.to_thread(Learner, cfg.learner, self.run_dir, registry, replay, episodes, embodiment,
+                                          f"learner-{self.run_id}", log=self.log)
+        policy, dynamics, value = await open_clients(cfg.services)
+        admin = connect_admin(cfg.services.policy_admin or cfg.services.policy)
+        clients = [policy, dynamics, value, admin]
+        await self._make_candidate(registry, admin, learner.version)
+        self.status.policy_version = learner.version
+        self.status.learner_step = learner.step
+
+        task = cfg.gate.task or episodes.tasks[0]
+        gate_task = _sim_task(task, task_names())
+        gate = Gate(cfg.gate, self.run_dir, (cfg.services.policy_admin or cfg.services.policy).split("://")[-1],
+                    gate_task, cfg.embodiment, log=self.log) if cfg.gate.every_versions else None
+        if gate is not None and cfg.gate.evaluate_initial and gate.evaluated(learner.init_version) is None:
+            async with self._gate_lock:
+                entry = await asyncio.to_thread(gate.evaluate, learner.init_version, "initial", learner.step)
+            if not registry.aliases("policy").get("stable"):
+                await self._promote(registry, admin, learner.init_version)
+            gate.decide(entry, None)
+
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        starts = StartStates(episodes, shape, sim_states if shape.needs_sim_state else None)
+        rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), starts, self.run_id,
+                            seed=cfg.learner.seed + learner.step, log=self.log)
+        self.status.imagined_samples = int((await asyncio.to_thread(replay.stats))["inserted"])
+        timing = {"rollout_s": 0.0, "push_s": 0.0}
+        gates: list[asyncio.Task] = []
+
+        async def after_publish(version: str) -> None:
+            await self._make_candidate(registry, admin, version)
+            self.status.policy_version = version
+            self._changed()
+            number = len(learner.published) - 1
+            if gate is not None and number % cfg.gate.every_versions == 0:
+                gates.append(asyncio.create_task(self._gate(gate, registry, admin, version, learner.step)))
+
+        def on_publish(version: str) -> None:  # learner thread: wait until the service serves it
+            asyncio.run_coroutine_threadsafe(after_publish(version), self._loop).result()
+
+        def on_step(metrics: dict) -> None:  # learner thread
+            stats = replay.stats()
+            row = {"step": learner.step, "unix_ms": int(time.time() * 1000), **metrics,
+                   **{f"replay_{k}": float(v) for k, v in stats.items()},
+                   "imagined_samples": self.status.imagined_samples,
+                   "imagined_per_s": self.status.imagined_samples / max(1e-9, timing["rollout_s"]),
+                   "push_share": timing["push_s"] / max(1e-9, timing["rollout_s"]),
+                   **{f"time_{k}_s": v for k, v in rollouts.timing_s.items()}}
+            for key, value in row.items():
+                if key not in ("step", "unix_ms"):
+                    writer.add_scalar(f"trainer/{key}", value, learner.step)
+            if learner.bins_seen and learner.step % 10 == 0:
+                writer.add_histogram("trainer/advantage_bin", np.asarray(learner.bins_seen), learner.step)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+            def update() -> None:
+                self.status.learner_step = learner.step
+                self.status.metrics = {k: float(v) for k, v in row.items() if k not in ("step", "unix_ms")}
+                self._changed()
+            self._from_thread(update)
+
+        async def rollout_loop() -> None:
+            limit = cfg.rollout.max_samples
+            while not self._stop.is_set() and not learner_done.done():
+                if limit and self.status.imagined_samples >= limit:
+                    return
+                if not await asyncio.to_thread(replay.wait_inserter, cfg.rollout.workers, timeout_s=1.0, stop=self._stop.is_set):
+                    continue
+                t0 = time.perf_counter()
+                payloads = await rollouts.round(cfg.replay.frame_encoding, cfg.replay.jpeg_quality)
+                if limit:
+                    payloads = payloads[:limit - self.status.imagined_samples]
+                t1 = time.perf_counter()
+                await asyncio.to_thread(replay.push, payloads)
+                timing["rollout_s"] += time.perf_counter() - t0
+                timing["push_s"] += time.perf_counter() - t1
+                self.status.imagined_samples += len(payloads)
+                (self.run_dir / "advantages.json").write_text(json.dumps(rollouts.advantages[-2048:]))
+
+        learner_done = asyncio.ensure_future(asyncio.to_thread(learner.run, self.run_id, self._stop, on_publish, on_step))
+        roller = asyncio.create_task(rollout_loop())
+        try:
+            await asyncio.wait([learner_done, roller], return_when=asyncio.FIRST_EXCEPTION)
+            if roller.done() and roller.exception():
+                self._stop.set()
+            await learner_done
+            self._stop.set()
+            await roller
+            if gate is not None and learner.version != learner.init_version and gate.evaluated(learner.version) is None \
+                    and not self._stop_requested:
+                gates.append(asyncio.create_task(self._gate(gate, registry, admin, learner.version, learner.step)))
+            await asyncio.gather(*gates)
+        finally:
+            self._stop.set()
+            roller.cancel()
+            writer.close()
+            metrics_file.close()
+        self.status.learner_step = learner.step
+        return clients
+
+    # ---- versions ---------------------------------------------------------------------------------
+    async def _make_candidate(self, registry, admin, version: str) -> None:
+        """Registry alias (for services that restart) and the live service (no restart needed)."""
+        registry.set_alias("policy", "candidate", version)
+        await self._admin(lambda: admin.load(version))
+        await self._admin(lambda: admin.set_alias("candidate", version))
+
+    async def _promote(self, registry, admin, version: str) -> None:
+        registry.set_alias("policy", "stable", version)
+        await self._admin(lambda: admin.set_alias("stable", version))
+        self.log(f"gate: policy/{version} is now stable")
+
+    async def _admin(self, call):
+        from rise.transport import call_with_retries
+
+        s = self.config.services
+        return await call_with_retries(call, attempts=s.retry_attempts, backoff_s=s.retry_backoff_s,
+                                       max_backoff_s=s.retry_max_backoff_s, what="policy admin", log=self.log)
+
+    async def _gate(self, gate, registry, admin, version: str, step: int) -> None:
+        async with self._gate_lock:
+            stable_version = registry.aliases("policy").get("stable", "")
+            entry = await asyncio.to_thread(gate.evaluate, version, "candidate", step)
+            stable = gate.evaluated(stable_version) if stable_version else None
+            if stable_version and stable is None:
+                stable = await asyncio.to_thread(gate.evaluate, stable_version, "stable", step)
+            if gate.decide(entry, stable):
+                await self._promote(registry, admin, version)
+            self.status.metrics["gate_success_rate"] = entry["success_rate"]
+            self._changed()
+
+
+def _local_episode(episodes, episode: int) -> int:
+    """Global episode number -> its index within its own dataset."""
+    which = episodes.episode_dataset[episode]
+    return int(np.sum(episodes.episode_dataset[:episode] == which))
+
+
+def _sim_task(text: str, names: list[str]) -> str:
+    """A dataset's task text or a task name -> the simulator's task name."""
+    from rise.sim.metaworld_sim import task_text
+
+    if text in names:
+        return text
+    for name in names:
+        if task_text(name) == text:
+            return name
+    raise ValueError(f"gate.task: {text!r} is neither a MetaWorld task name nor one of their texts; set gate.task")
