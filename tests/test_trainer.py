@@ -231,7 +231,14 @@ def test_trainer_service_starts_watches_and_stops_a_run(store, services, tmp_pat
     from rise.serving import ServerConfig, open_channel
     from services.trainer.server import TrainerConfig, start
 
-    config = _config(store, services, tmp_path, **{"learner.steps": "1000"})
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    config = _config(store, services, tmp_path, **{"learner.steps": "1000", "metrics_port": metrics_port})
+    scraped = []
     trainer = asyncio.run_coroutine_threadsafe(
         start(TrainerConfig(server=ServerConfig(port=0, log_json=False))), services.loop).result(30)
 
@@ -251,6 +258,8 @@ def test_trainer_service_starts_watches_and_stops_a_run(store, services, tmp_pat
             async for status in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="served")):
                 states.append(status.state)
                 if status.learner_step >= 2 and trainer_pb2.RUN_STATE_STOPPING not in states:
+                    url = f"http://127.0.0.1:{metrics_port}/metrics"
+                    scraped.append(await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode()))
                     await stub.StopRun(trainer_pb2.StopRunRequest(run_id="served"))
             final = await stub.GetRun(trainer_pb2.GetRunRequest(run_id="served"))
             return states, final
@@ -263,6 +272,7 @@ def test_trainer_service_starts_watches_and_stops_a_run(store, services, tmp_pat
     assert final.state == trainer_pb2.RUN_STATE_STOPPED and 2 <= final.learner_step < 1000
     assert states[-1] == trainer_pb2.RUN_STATE_STOPPED and final.policy_version.startswith("v")
     assert "loss" in final.metrics and final.imagined_samples > 0
+    assert 'rise_trainer_loss{run="served"}' in scraped[0] and "rise_trainer_replay_depth" in scraped[0]
 
 
 def test_gate_evaluates_in_the_simulator_and_promotes_only_with_confidence(store, services, tmp_path):

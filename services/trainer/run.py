@@ -159,6 +159,7 @@ class TrainerRun:
             gate.decide(entry, None)
 
         writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        prometheus = _Prometheus(cfg.metrics_port, self.run_id) if cfg.metrics_port is not None else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         starts = StartStates(episodes, shape, sim_states if shape.needs_sim_state else None)
         rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), starts, self.run_id,
@@ -191,6 +192,8 @@ class TrainerRun:
                     writer.add_scalar(f"trainer/{key}", value, learner.step)
             if learner.bins_seen and learner.step % 10 == 0:
                 writer.add_histogram("trainer/advantage_bin", np.asarray(learner.bins_seen), learner.step)
+            if prometheus is not None:
+                prometheus.update(row, learner.bins_seen)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
 
@@ -236,6 +239,8 @@ class TrainerRun:
             roller.cancel()
             writer.close()
             metrics_file.close()
+            if prometheus is not None:
+                prometheus.close()
         self.status.learner_step = learner.step
         return clients
 
@@ -269,6 +274,31 @@ class TrainerRun:
                 await self._promote(registry, admin, version)
             self.status.metrics["gate_success_rate"] = entry["success_rate"]
             self._changed()
+
+
+class _Prometheus:
+    """The run's scalars as gauges (rise_trainer_<name>{run=...}) and the advantage bins seen, on /metrics."""
+
+    def __init__(self, port: int, run_id: str):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        self.registry, self.run_id, self.gauges = CollectorRegistry(), run_id, {}
+        self.bins = Gauge("rise_trainer_advantage_bin_samples", "Replay samples trained on, by advantage bin (recent)",
+                          ["run", "bin"], registry=self.registry)
+        self._gauge = lambda name: Gauge(f"rise_trainer_{name}", f"trainer metric {name}", ["run"], registry=self.registry)
+        self.server, self.thread = start_http_server(port, registry=self.registry)
+
+    def update(self, row: dict, bins: list[int]) -> None:
+        for key, value in row.items():
+            if key != "unix_ms" and isinstance(value, (int, float)):
+                if key not in self.gauges:
+                    self.gauges[key] = self._gauge(key)
+                self.gauges[key].labels(self.run_id).set(value)
+        for b, count in enumerate(np.bincount(np.asarray(bins, np.int64), minlength=11)[1:], start=1):
+            self.bins.labels(self.run_id, str(b)).set(int(count))
+
+    def close(self) -> None:
+        self.server.shutdown()
 
 
 def _local_episode(episodes, episode: int) -> int:
