@@ -1,0 +1,258 @@
+"""The success table: imitation vs RECAP-style vs RISE, per MetaWorld task, measured in the simulator.
+
+One command, resumable (every finished stage is recorded in `<out>/state.json` and skipped on
+the next start), one config for every task (`--set` applies to all of them):
+
+    .venv/bin/python bench/paper_table.py --tasks push,pick-place,peg-insert-side --out runs/table
+
+Per task, the same data and evaluation seeds for every method:
+  collect     scripted expert + noise: successes and failures (`rise data collect`)
+  imitation   flow-matching policy, null bin, all data                      (`rise train policy`)
+  value       progress then TD value model                                   (`rise train value`)
+  label       chunk advantages -> bins                                       (`rise label`)
+  recap       advantage-conditioned fine-tune of the imitation policy on the labelled data
+  rise-oracle RL in imagination from the RECAP policy with the simulator as the world model
+              (the upper bound for learned imagination: separates world-model error from the rest)
+  eval        every policy through `rise eval` on held-out layouts, prompted with the best bin;
+              Wilson 95% intervals
+
+Writes `<out>/table.md`, `<out>/table.json` and `<out>/success.png`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False)
+METHODS = ("imitation", "recap", "rise-oracle")
+
+
+class State:
+    """`state.json`: finished stages and their results, written after each stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def done(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def record(self, key: str, value: dict) -> dict:
+        self.data[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+        return value
+
+
+class PolicyServer:
+    """A policy service on the task's registry, on an event loop in a background thread."""
+
+    def __init__(self, registry_root: Path, preload: list[str], port: int = 0):
+        from rise.serving import ServerConfig
+        from services.policy.server import PolicyConfig, start
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        config = PolicyConfig(registry_root=registry_root, torch_threads=1, preload=preload,
+                              server=ServerConfig(port=port, log_json=False))
+        self.running = asyncio.run_coroutine_threadsafe(start(config), self.loop).result(300)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def run_task(task: str, out: Path, state: State, cfg: dict, log) -> dict:
+    from rise.baselines import publish_oracle_dynamics
+    from rise.data.collect import collect
+    from rise.embodiment import PRESETS
+    from rise.registry import Registry
+    from rise.sim.evaluate import evaluate
+    from services.policy.model import load_model_config
+    from services.policy.train import train as train_policy
+    from services.value.label import label
+    from services.value.model import load_model_config as load_value_config
+    from services.value.train import train as train_value
+
+    folder = out / task
+    registry = Registry(folder / "store")
+    emb = PRESETS["metaworld"]
+    key = lambda stage: f"{task}/{stage}"  # noqa: E731
+
+    def stage(name: str, fn) -> dict:
+        if (done := state.done(key(name))) is not None:
+            log(f"[{task}] {name}: done before, skipped")
+            return done
+        log(f"[{task}] {name} ...")
+        started = time.perf_counter()
+        result = fn()
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        log(f"[{task}] {name}: {result.get('version', '')} in {result['wall_s']} s")
+        return state.record(key(name), result)
+
+    data, labelled = folder / "data", folder / "data-labelled"
+    stage("collect", lambda: {"summary": collect(task, cfg["episodes"], data, noise=cfg["noise"], workers=1, seed=cfg["seed"],
+                                                 progress=True)})
+    imitation = stage("imitation", lambda: train_policy(
+        load_model_config(cfg["tier"], {"training.steps": cfg["policy_steps"], "training.mode": "imitation",
+                                        "training.seed": cfg["seed"]}),
+        [data], folder / "imitation", registry=registry.root, publish=True, threads=1))
+    value = stage("value", lambda: train_value(
+        load_value_config(cfg["tier"], {"training.progress_steps": cfg["value_steps"] // 2,
+                                        "training.td_steps": cfg["value_steps"] - cfg["value_steps"] // 2,
+                                        "training.seed": cfg["seed"]}),
+        [data], folder / "value", registry=registry.root, publish=True, threads=1))
+    stage("label", lambda: label(str(Path(value["model"])), data, labelled))
+    recap = stage("recap", lambda: train_policy(
+        load_model_config(cfg["tier"], {"training.steps": cfg["recap_steps"], "training.mode": "advantage",
+                                        "training.seed": cfg["seed"]}),
+        [labelled], folder / "recap", init=Path(imitation["model"]), registry=registry.root, publish=True, threads=1))
+    versions = {"imitation": imitation["version"], "recap": recap["version"]}
+
+    if "rise-oracle" in cfg["methods"]:
+        def rise_oracle() -> dict:
+            registry.set_alias("policy", "stable", recap["version"])
+            registry.set_alias("value", "stable", value["version"])
+            registry.set_alias("dynamics", "stable", publish_oracle_dynamics(registry, emb).version)
+            return run_rise(task, folder, registry, labelled, cfg, log)
+        versions["rise-oracle"] = stage("rise-oracle", rise_oracle)["version"]
+
+    for method, version in versions.items():  # each method's version under its own alias, served at once
+        registry.set_alias("policy", method, version)
+    server = PolicyServer(registry.root, preload=list(versions))
+    try:
+        results = {}
+        for method in versions:
+            results[method] = stage(f"eval-{method}", lambda: evaluate(
+                server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
+                advantage_bin=0 if method == "imitation" else 10, progress=True).summary())
+    finally:
+        server.close()
+    return {"value": value["metrics"], **results}
+
+
+def run_rise(task: str, folder: Path, registry, data: Path, cfg: dict, log) -> dict:
+    """Services on 127.0.0.1 + RL in imagination through them; returns the run's final policy version."""
+    from rise.serving import ServerConfig
+    from rise.services import service
+    from services.trainer.config import load_run_config
+    from services.trainer.run import TrainerRun
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    running = {}
+    try:
+        for name in ("policy", "value", "dynamics"):
+            config_cls, start = service(name)
+            config = config_cls(registry_root=registry.root, torch_threads=1, server=ServerConfig(port=0, log_json=False))
+            running[name] = asyncio.run_coroutine_threadsafe(start(config), loop).result(300)
+        overrides = {"out": str(folder / "rise"), "registry_root": str(registry.root), "data": json.dumps([str(data)]),
+                     **{f"services.{n}": f"grpc://{r.address}" for n, r in running.items()},
+                     "replay.stream": f"rise-bench:{task}", "learner.steps": cfg["rl_steps"],
+                     "learner.seed": cfg["seed"], "gate.every_versions": 0, **cfg["set"]}
+        run = TrainerRun(load_run_config(None, overrides), "oracle", log=log)
+        status = asyncio.run(run.run())
+        if status.state != "succeeded":
+            raise RuntimeError(f"RISE run ended {status.state}: {status.message}")
+        return {"version": status.policy_version, "imagined_samples": status.imagined_samples,
+                "metrics": status.metrics}
+    finally:
+        for r in running.values():
+            asyncio.run_coroutine_threadsafe(r.stop(0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def write_table(out: Path, tasks: list[str], state: State, methods: list[str]) -> str:
+    from rise.sim.stats import format_rate
+
+    lines = ["| task | " + " | ".join(methods) + " | value: success vs failure |",
+             "| --- | " + " | ".join("---" for _ in methods) + " | --- |"]
+    rows = {}
+    for task in tasks:
+        cells = []
+        for method in methods:
+            s = state.done(f"{task}/eval-{method}")
+            cells.append(format_rate(s["successes"], s["episodes"]) if s else "—")
+            rows.setdefault(task, {})[method] = s
+        value = state.done(f"{task}/value")
+        ranking = value["metrics"].get("success_vs_failure") if value else None
+        cells.append(f"{ranking:.2f}" if isinstance(ranking, float) else "—")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _plot(out / "success.png", tasks, methods, rows)
+    return table
+
+
+def _plot(path: Path, tasks: list[str], methods: list[str], rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(2 + 2 * len(tasks), 3.5))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        rates, errs = [], [[], []]
+        for task in tasks:
+            s = rows.get(task, {}).get(method)
+            rate = s["success_rate"] if s else np.nan
+            low, high = s["wilson95"] if s else (np.nan, np.nan)
+            rates.append(rate)
+            errs[0].append(rate - low)
+            errs[1].append(high - rate)
+        ax.bar(np.arange(len(tasks)) + i * width, rates, width, yerr=errs, capsize=3, label=method)
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(methods) - 1) / 2, tasks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("success (Wilson 95%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@app.command()
+def main(
+    tasks: str = typer.Option("push,pick-place,peg-insert-side", help="Comma-separated MetaWorld tasks."),
+    out: Path = typer.Option(Path("runs/table"), help="Output folder (resumable)."),
+    methods: str = typer.Option(",".join(METHODS), help=f"Subset of {','.join(METHODS)}."),
+    tier: str = typer.Option("small"),
+    episodes: int = typer.Option(40, help="Collected episodes per task."),
+    noise: float = typer.Option(0.5, help="Expert action noise (failures give the value model and RL something to learn)."),
+    policy_steps: int = typer.Option(1500),
+    recap_steps: int = typer.Option(750),
+    value_steps: int = typer.Option(1500),
+    rl_steps: int = typer.Option(300),
+    eval_episodes: int = typer.Option(50),
+    seed: int = typer.Option(0),
+    eval_seed: int = typer.Option(1, help="Evaluation layouts 2**32 + 100000 * eval_seed + episode: never the data's."),
+    set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks)."),
+) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"tier": tier, "episodes": episodes, "noise": noise, "policy_steps": policy_steps, "recap_steps": recap_steps,
+           "value_steps": value_steps, "rl_steps": rl_steps, "eval_episodes": eval_episodes, "seed": seed,
+           "eval_seed": eval_seed, "methods": methods.split(","), "set": dict(s.split("=", 1) for s in set_)}
+    state = State(out / "state.json")
+    if state.done("config") not in (None, cfg):
+        raise typer.BadParameter(f"{out} was started with another config ({state.done('config')}); use a new --out")
+    state.record("config", cfg)
+    task_list = tasks.split(",")
+    for task in task_list:
+        run_task(task, out, state, cfg, log=print)
+        print(write_table(out, task_list, state, cfg["methods"]))
+
+
+if __name__ == "__main__":
+    app()
