@@ -292,3 +292,26 @@ def test_gate_evaluates_in_the_simulator_and_promotes_only_with_confidence(store
     stable = store[1].aliases("policy")["stable"]
     # a tiny untrained policy fails every episode: 0/2 never beats 0/2, so stable does not move
     assert all(not h["promoted"] for h in candidates) or stable == candidates[-1]["version"]
+
+
+def test_the_learner_starts_from_a_policy_with_the_frozen_minilm_text_encoder(store, tmp_path):
+    """The small and paper tiers read task texts with MiniLM (a module holding a lock): the EMA copy must still build."""
+    from rise.data.loading import load_episodes_in_memory
+    from services.policy.model import load_model_config
+    from services.policy.train import train
+    from services.trainer.config import LearnerConfig, ReplayConfig
+    from services.trainer.learner import Learner
+    from services.trainer.replay import ReplayQueue
+
+    folder, _ = store
+    registry = Registry(tmp_path / "store")
+    summary = train(load_model_config("tiny", {"training.steps": 1, "training.batch_size": 4, "text.encoder": "minilm"}),
+                    [folder / "data"], tmp_path / "run", registry=registry.root, publish=True, progress=False,
+                    log=lambda *a: None)
+    registry.set_alias("policy", "stable", summary["version"])
+    replay = ReplayQueue(ReplayConfig(url=REDIS_URL), f"rise-test:{uuid.uuid4().hex[:8]}")
+    learner = Learner(LearnerConfig(), tmp_path / "learner", registry, replay, load_episodes_in_memory(folder / "data", EMB),
+                      EMB, "learner-test", log=lambda *a: None)
+    trained = [name for name, p in learner.model.named_parameters() if p.requires_grad]
+    assert trained and [n for n, _ in learner.ema.named_parameters()] == [n for n, _ in learner.model.named_parameters()]
+    replay.delete()

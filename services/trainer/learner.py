@@ -17,7 +17,6 @@ counts twice) that checkpoint's samples, which Redis's own `consumed` counter co
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import time
@@ -49,8 +48,10 @@ class Learner:
         checkpoint_path = self.run_dir / CHECKPOINT
         state = torch.load(checkpoint_path, weights_only=False) if checkpoint_path.exists() else None
         init_version = state["init_version"] if state else registry.resolve("policy", config.init_policy)
-        self.model = load_model(registry.open("policy", init_version).path).train()
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        folder = registry.open("policy", init_version).path
+        self.model = load_model(folder).train()
+        # A second load, not deepcopy: the frozen MiniLM text encoder holds a lock that cannot be copied.
+        self.ema = load_model(folder).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step, self.samples_used, self.offline_used = 0, 0, 0
         self.init_version, self.published = init_version, [init_version]
