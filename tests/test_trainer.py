@@ -187,7 +187,7 @@ def test_a_dynamics_service_restarted_mid_run_does_not_end_the_run(store, servic
 def test_a_killed_learner_resumes_without_losing_a_sample(store, services, tmp_path):
     """SIGKILL the `rise train rise` process mid-run, start it again: every sample is used and acknowledged once."""
     config = _config(store, services, tmp_path, **{"learner.offline_ratio": "0.0", "learner.steps": "12",
-                                                   "learner.batch_size": "4", "learner.checkpoint_every": "2",
+                                                   "learner.batch_size": "4", "learner.checkpoint_every": "5",
                                                    "learner.publish_every": "100", "rollout.max_samples": "32",
                                                    "learner.replay_wait_s": "2"})
     config_file = tmp_path / "run.yaml"
@@ -201,7 +201,7 @@ def test_a_killed_learner_resumes_without_losing_a_sample(store, services, tmp_p
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         status = tmp_path / "killed" / "status.json"
-        if checkpoint.exists() and status.exists() and json.loads(status.read_text())["learner_step"] >= 3:
+        if checkpoint.exists() and status.exists() and json.loads(status.read_text())["learner_step"] >= 6:
             break
         time.sleep(0.2)
     assert process.poll() is None, process.stdout.read().decode()[-3000:]

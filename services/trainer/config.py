@@ -70,7 +70,8 @@ class LearnerConfig(StrictModel):
     random_shift: int = Field(4, ge=0)
     seed: int = 0
     torch_threads: int | None = 1
-    # How long the learner waits for replay samples before filling the batch with offline ones.
+    # How long a step waits for its replay share before filling the rest with offline samples
+    # (imagination slower than the learner: steps wait, rather than drift off the offline ratio).
     replay_wait_s: float = Field(30.0, ge=0)
 
 

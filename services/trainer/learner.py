@@ -74,11 +74,18 @@ class Learner:
 
     # ---- one step ------------------------------------------------------------------------------
     def _replay_part(self, n: int, stop: threading.Event):
-        """Up to n replay samples (fewer when the stream stays empty for `replay_wait_s`)."""
+        """n replay samples, waiting up to `replay_wait_s` for imagination to make them (then fewer):
+        the batch keeps its offline ratio unless the rollouts fall far behind."""
+        deadline = time.monotonic() + self.config.replay_wait_s
         if n == 0 or not self.replay.wait_learner(n, timeout_s=self.config.replay_wait_s, stop=stop.is_set):
             return [], []
-        batch = self.replay.read(self.consumer, n, self.replay_batch_ms, current_version=self.version)
-        return batch.ids, batch.items
+        ids, items = [], []
+        while len(items) < n and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            batch = self.replay.read(self.consumer, n - len(items), max(1, min(self.replay_batch_ms, int(left * 1000))),
+                                     current_version=self.version)
+            ids += batch.ids
+            items += batch.items
+        return ids, items
 
     def train_step(self, stop: threading.Event) -> dict[str, float]:
         import torch
