@@ -18,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help venv install triton protos protos-check lock test demo bench clean distclean
 
 help:
-	@echo "make demo          start the model services locally and call each once"
+	@echo "make demo          the whole RISE loop on this machine (11-15 min on 2 cores): report in .demo/report.html"
 	@echo "make test          run the tests (needs Redis at REDIS_URL=$(REDIS_URL))"
 	@echo "make install       create $(VENV) (Python 3.12) and install requirements.lock + the project"
 	@echo "make triton        install nvidia-pytriton and Triton's stub venv (make test does it)"
@@ -127,8 +127,10 @@ test: $(STAMP) $(VENV)/.triton
 	@$(PY) -c "import ctypes.util, sys; ctypes.util.find_library('EGL') or sys.exit('make test: MuJoCo renders through EGL, which is missing: sudo apt-get install libegl1 libgl1-mesa-dri')"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Flags: make demo DEMO_ARGS="--task push --rl-steps 300 --tier small"  (see: .venv/bin/rise demo --help)
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/rise demo
+	$(VENV)/bin/rise demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/grpc_overhead.py

@@ -141,12 +141,44 @@ def models_alias(
     asyncio.run(call())
 
 
+from rise.demo import DemoOptions as _Demo  # noqa: E402  (light: no torch; the demo's defaults live there)
+
+
 @app.command()
-def demo(workdir: Path = typer.Option(Path(".demo"), help="Where the demo's model store goes.")) -> None:
-    """Start the model services locally and call each once over gRPC."""
+def demo(
+    workdir: Path = typer.Option(_Demo.workdir, help="Demo folder: data, models, logs, run, report.html (cleared first)."),
+    task: str = typer.Option(_Demo.task, help="MetaWorld task."),
+    episodes: int = typer.Option(_Demo.episodes, min=2, help="Episodes to collect (scripted expert + noise)."),
+    max_steps: int = typer.Option(_Demo.max_steps, min=10, help="Steps per episode at most, in collection and evaluation."),
+    noise: float = typer.Option(_Demo.noise, min=0.0, help="Gaussian action noise of the collecting expert."),
+    perturb_prob: float = typer.Option(_Demo.perturb_prob, min=0.0, max=1.0, help="Chance of a random-action burst per episode."),
+    tier: str = typer.Option(_Demo.tier, help="Model tier: tiny | small."),
+    policy_steps: int = typer.Option(_Demo.policy_steps, min=1, help="Policy imitation warm-up steps."),
+    advantage_steps: int = typer.Option(_Demo.advantage_steps, min=0,
+                                        help="Advantage-conditioned (RECAP-style) policy steps; 0: skip."),
+    value_steps: int = typer.Option(_Demo.value_steps, min=2, help="Value steps (half progress, half TD)."),
+    dynamics_steps: int = typer.Option(_Demo.dynamics_steps, min=2,
+                                       help="Dynamics steps (a third autoencoder, the rest transformer)."),
+    rl_steps: int = typer.Option(_Demo.rl_steps, min=1, help="Learner steps of RL in imagination."),
+    eval_episodes: int = typer.Option(_Demo.eval_episodes, min=1, help="Simulator episodes per evaluation (before and after)."),
+    workers: int = typer.Option(_Demo.collect_workers, min=1, help="Collection worker processes."),
+    seed: int = typer.Option(_Demo.seed, min=0),
+    redis_url: str = typer.Option(_Demo.redis_url, envvar="REDIS_URL",
+                                  help="Redis for the replay stream; started here when none answers on this machine."),
+    parallel: bool = typer.Option(_Demo.parallel, "--parallel/--sequential", help="Train the dynamics model in a second process."),
+    reuse_data: bool = typer.Option(_Demo.reuse_data, "--reuse-data", help="Keep the dataset of an earlier demo with equal settings."),
+) -> None:
+    """The whole RISE loop on this machine: collect, train, serve, RL in imagination, evaluate, report."""
     from rise.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir, console))
+    if tier not in ("tiny", "small"):
+        raise typer.BadParameter(f"--tier must be tiny or small, got {tier!r}")
+    options = _Demo(workdir=workdir, task=task, episodes=episodes, noise=noise, perturb_prob=perturb_prob,
+                    max_steps=max_steps, collect_workers=workers, tier=tier, policy_steps=policy_steps,
+                    advantage_steps=advantage_steps, value_steps=value_steps, dynamics_steps=dynamics_steps,
+                    rl_steps=rl_steps, eval_episodes=eval_episodes, seed=seed, redis_url=redis_url,
+                    parallel=parallel, reuse_data=reuse_data)
+    raise typer.Exit(run_demo(workdir, console, options))
 
 
 def _register_commands() -> None:

@@ -28,6 +28,17 @@ REDIS_URL = os.environ.get("RISE_TEST_REDIS", "redis://127.0.0.1:6379/13")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two torch threads on two shared cores can be 100x slower than one (measured here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A dataset and a registry: tiny policy (stable), linear value, persistence dynamics."""
@@ -101,7 +112,7 @@ def _config(store, services, run_dir: Path, **overrides):
             "services.policy": services.url("policy"), "services.value": services.url("value"),
             "services.dynamics": services.url("dynamics"), "services.retry_backoff_s": "0.2",
             "replay.url": REDIS_URL, "replay.stream": f"rise-test:{uuid.uuid4().hex[:8]}", "replay.min_size_to_sample": "4",
-            "replay.samples_per_insert": "8", "rollout.workers": "4", "learner.steps": "6", "learner.batch_size": "8",
+            "rollout.workers": "4", "learner.steps": "6", "learner.batch_size": "8",
             "learner.offline_ratio": "0.5", "learner.publish_every": "3", "learner.checkpoint_every": "2",
             "learner.replay_wait_s": "5", "gate.every_versions": "0"}
     base.update({k: str(v) for k, v in overrides.items()})

@@ -54,7 +54,9 @@ class ReplayConfig(StrictModel):
     staleness_versions: int = Field(4, ge=0)
     # Rate limiter (Reverb-style): learner sample slots per inserted sample, the number of
     # inserts before the learner starts, and the slack either side may run ahead by.
-    samples_per_insert: float = Field(4.0, gt=0)
+    # Each sample is trained on once (the stream is a queue), so 1.0 keeps rollouts and learner
+    # in step; above 1 the learner asks for more than imagination makes and both sides wait.
+    samples_per_insert: float = Field(1.0, gt=0)
     min_size_to_sample: int = Field(64, ge=0)
     error_buffer: float = Field(256.0, ge=0)
     # Pending entries idle this long belong to a dead consumer and are handed to another.
