@@ -44,9 +44,7 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +58,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import build_store, free_port, machine  # noqa: E402
 
 IN_PROCESS, GRPC_BATCH, GRPC_UNARY = "in-process", "grpc ActBatch", "grpc Act (raw stub)"
 TASK_TEXT = "pick and place a puck to a goal"
@@ -67,36 +66,6 @@ ADVANTAGE_BIN = 10
 
 
 # ---- setup: a registry with one small policy ------------------------------------------------------
-def build_store(work: Path, data: list[Path], task: str, episodes: int, steps: int, seed: int, console: Console) -> list[Path]:
-    """Collect data if none was given; train the small policy `steps` steps; publish it as `stable`."""
-    from rise.registry import Registry
-    from services.policy.model import load_model_config
-    from services.policy.train import train
-
-    if not data:
-        from rise.data.collect import collect
-
-        folder = work / "data" / task
-        console.print(f"collecting {episodes} MetaWorld episodes of {task} into {folder}")
-        summary = collect(task, episodes, folder, workers=1, seed=seed)
-        console.print(f"  {summary['frames']} frames, {summary['successes']} successes, {summary['seconds']:.0f} s")
-        data = [folder]
-    store = work / "store"
-    t = time.perf_counter()
-    overrides = {"training.steps": steps, "training.batch_size": 8, "training.eval_windows": 4}
-    summary = train(load_model_config("small", overrides), data, work / "runs" / "policy", registry=store,
-                    publish=True, threads=2, progress=False, log=lambda *a, **k: None)
-    Registry(store).set_alias("policy", "stable", summary["version"])
-    console.print(f"  trained policy (small, {steps} steps) -> {summary['version']} in {time.perf_counter() - t:.0f} s")
-    return data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PolicyProcess:
     """`.venv/bin/rise serve policy --config <yaml>` as a child process."""
 
@@ -285,19 +254,6 @@ async def bench(args, store: Path, work: Path, console: Console) -> dict:
             "default_num_steps": loaded.model.config.default_num_steps}
 
 
-def machine() -> dict:
-    import grpc
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
-    return {"cpu": cpu, "nproc": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
-            "torch": torch.__version__, "grpcio": grpc.__version__,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit, "uncommitted": dirty}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=5, help="interleaved blocks")
@@ -325,7 +281,7 @@ def main() -> int:
     try:
         data, store = args.data, args.store
         if store is None:
-            data = build_store(work, data, args.task, args.episodes, args.train_steps, args.seed, console)
+            data = build_store(work, data, args.task, args.episodes, args.train_steps, args.seed, console, models=("policy",))
             store = work / "store"
         setup_s = time.perf_counter() - started
         result = asyncio.run(bench(args, store.resolve(), work, console))

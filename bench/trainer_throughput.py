@@ -45,9 +45,7 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,66 +60,15 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import MODELS, build_store, free_port, machine  # noqa: E402
 
 MODES = ("services", "in-process")
-MODELS = ("policy", "value", "dynamics")
 STAGES = ("policy", "dynamics", "value", "encode", "other", "push")
 
 
 # ---- setup: data and a registry of real small models ------------------------------------------------
-def build_store(work: Path, data: list[Path], task: str, episodes: int, steps: int, seed: int, console: Console) -> list[Path]:
-    """Collect data if none was given; train the three models `steps` steps; publish them to work/store."""
-    from rise.registry import Registry
-
-    if not data:
-        from rise.data.collect import collect
-
-        folder = work / "data" / task
-        console.print(f"collecting {episodes} MetaWorld episodes of {task} into {folder}")
-        summary = collect(task, episodes, folder, workers=1, seed=seed)
-        console.print(f"  {summary['frames']} frames, {summary['successes']} successes, {summary['seconds']:.0f} s")
-        data = [folder]
-    store = work / "store"
-    registry = Registry(store)
-    quiet = lambda *a, **k: None  # noqa: E731
-    trained = {}
-    for name in MODELS:
-        t = time.perf_counter()
-        if name == "policy":
-            from services.policy.model import load_model_config
-            from services.policy.train import train
-
-            overrides = {"training.steps": steps, "training.batch_size": 8, "training.eval_windows": 4}
-        elif name == "value":
-            from services.value.model import load_model_config
-            from services.value.train import train
-
-            overrides = {"training.progress_steps": steps, "training.td_steps": steps, "training.batch_size": 8,
-                         "training.eval_episodes": 0}
-        else:
-            from services.dynamics.model import load_model_config
-            from services.dynamics.train import train
-
-            overrides = {"training.autoencoder.steps": steps, "training.autoencoder.batch_size": 8,
-                         "training.transformer.steps": steps, "training.transformer.samples_per_task": 4,
-                         "training.eval_episodes": 0, "training.eval_windows": 4}
-        summary = train(load_model_config("small", overrides), data, work / "runs" / name, registry=store,
-                        publish=True, threads=2, progress=False, log=quiet)
-        registry.set_alias(name, "stable", summary["version"])
-        if name == "policy":
-            registry.set_alias(name, "candidate", summary["version"])
-        trained[name] = summary["version"]
-        console.print(f"  trained {name} (small, {steps} steps) -> {summary['version']} in {time.perf_counter() - t:.0f} s")
-    return data
-
 
 # ---- mode "services": three `rise serve` processes ----------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServiceProcesses:
     """policy, value, dynamics as `.venv/bin/rise serve <name> --config <yaml>` child processes."""
 
@@ -366,16 +313,6 @@ async def bench(args, store: Path, data: list[Path], work: Path, console: Consol
     return {"versions": versions, "routes": routes, "replay_inserted": stats["inserted"],
             "summary": summary, "ratio_services_vs_in_process": ratio, "blocks": blocks, "rows": rows,
             "dynamics_history": shape.history, "dynamics_stride": shape.stride}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
-    return {"cpu": cpu, "nproc": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit,
-            "uncommitted_paths": len(dirty)}
 
 
 def main() -> int:

@@ -1,0 +1,81 @@
+"""What the benchmarks share: a throwaway registry of real small-tier models, free ports, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("policy", "value", "dynamics")
+
+
+def build_store(work: Path, data: list[Path], task: str, episodes: int, steps: int, seed: int, console: Console,
+                models: tuple[str, ...] = MODELS) -> list[Path]:
+    """Collect data if none was given; train `models` at the small tier for `steps` steps; publish them to work/store."""
+    from rise.registry import Registry
+
+    if not data:
+        from rise.data.collect import collect
+
+        folder = work / "data" / task
+        console.print(f"collecting {episodes} MetaWorld episodes of {task} into {folder}")
+        summary = collect(task, episodes, folder, workers=1, seed=seed)
+        console.print(f"  {summary['frames']} frames, {summary['successes']} successes, {summary['seconds']:.0f} s")
+        data = [folder]
+    store = work / "store"
+    registry = Registry(store)
+    quiet = lambda *a, **k: None  # noqa: E731
+    trained = {}
+    for name in models:
+        t = time.perf_counter()
+        if name == "policy":
+            from services.policy.model import load_model_config
+            from services.policy.train import train
+
+            overrides = {"training.steps": steps, "training.batch_size": 8, "training.eval_windows": 4}
+        elif name == "value":
+            from services.value.model import load_model_config
+            from services.value.train import train
+
+            overrides = {"training.progress_steps": steps, "training.td_steps": steps, "training.batch_size": 8,
+                         "training.eval_episodes": 0}
+        else:
+            from services.dynamics.model import load_model_config
+            from services.dynamics.train import train
+
+            overrides = {"training.autoencoder.steps": steps, "training.autoencoder.batch_size": 8,
+                         "training.transformer.steps": steps, "training.transformer.samples_per_task": 4,
+                         "training.eval_episodes": 0, "training.eval_windows": 4}
+        summary = train(load_model_config("small", overrides), data, work / "runs" / name, registry=store,
+                        publish=True, threads=2, progress=False, log=quiet)
+        registry.set_alias(name, "stable", summary["version"])
+        if name == "policy":
+            registry.set_alias(name, "candidate", summary["version"])
+        trained[name] = summary["version"]
+        console.print(f"  trained {name} (small, {steps} steps) -> {summary['version']} in {time.perf_counter() - t:.0f} s")
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> dict:
+    import grpc
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+    return {"cpu": cpu, "nproc": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
+            "torch": torch.__version__, "grpcio": grpc.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit, "uncommitted": dirty}
