@@ -27,7 +27,7 @@ def redis_up():
     try:
         redis.Redis.from_url(URL, socket_connect_timeout=1).ping()
     except redis.exceptions.ConnectionError as exc:
-        pytest.skip(f"these tests need a Redis at {URL}: {exc}")
+        pytest.fail(f"these tests need a Redis at {URL} (make test and .ci/run start one): {exc}")
 
 
 @pytest.fixture
