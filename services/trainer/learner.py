@@ -26,12 +26,9 @@ from typing import Callable
 import numpy as np
 
 from services.trainer.config import LearnerConfig
+from services.trainer.replay import version_number
 
 CHECKPOINT = "learner.pt"
-
-
-def version_number(version: str) -> int:
-    return int(version.lstrip("v") or 0) if version else 0
 
 
 class Learner:

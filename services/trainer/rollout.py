@@ -16,7 +16,6 @@ reads the imagined images).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -161,7 +160,3 @@ async def open_clients(services: ServicesConfig):
 
     return connect_policy(services.policy), connect_dynamics(services.dynamics), connect_value(services.value)
 
-
-def sleep_until(stop: asyncio.Event, seconds: float):
-    """Sleep that ends early when `stop` is set."""
-    return asyncio.wait_for(stop.wait(), seconds)

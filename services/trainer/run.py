@@ -22,9 +22,6 @@ import numpy as np
 from rise.config import dump_config
 from services.trainer.config import RunConfig
 
-STATES = ("pending", "running", "stopping", "stopped", "succeeded", "failed")
-
-
 @dataclass
 class Status:
     run_id: str
