@@ -8,6 +8,7 @@ expected failures into a one-line error and an exit code.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,3 +61,17 @@ def run_training_command(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
     console.print_json(json.dumps(summary))
+
+
+def publish_trained(registry: Path | None, model: str, folder: Path, *, kind: str, embodiment, config, metrics: dict,
+                    parent: str = "", log=print):
+    """A trained model folder -> a new registry version (NaN metrics left out); returns its manifest."""
+    from rise.registry import Registry
+
+    if registry is None:
+        raise ValueError("--publish needs --registry")
+    manifest = Registry(registry).publish(
+        model, folder, kind=kind, embodiment=embodiment.model_dump(), config=config.model_dump(mode="json"),
+        parent=parent, metrics={k: float(v) for k, v in metrics.items() if not math.isnan(v)})
+    log(f"published {model}/{manifest.version} to {registry}")
+    return manifest

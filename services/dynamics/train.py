@@ -471,15 +471,10 @@ def train(config: DynamicsModelConfig, data: list[Path], out: Path, *, resume: b
     folder = model.save(out / "model")
     summary = {"metrics": metrics, "timings": timings, "model": str(folder), "gif": str(samples_dir / f"step_{xcfg.steps:06d}.gif")}
     if publish:
-        from rise.registry import Registry
+        from rise.training import publish_trained
 
-        if registry is None:
-            raise ValueError("--publish needs --registry")
-        manifest = Registry(registry).publish(
-            "dynamics", folder, kind=KIND, embodiment=emb.model_dump(), config=config.model_dump(mode="json"),
-            metrics={k: float(v) for k, v in metrics.items() if not math.isnan(v)})
-        summary["version"] = manifest.version
-        log(f"published dynamics/{manifest.version} to {registry}")
+        summary["version"] = publish_trained(registry, "dynamics", folder, kind=KIND, embodiment=emb, config=config,
+                                             metrics=metrics, log=log).version
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     writer.close()
     return summary

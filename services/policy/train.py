@@ -283,15 +283,10 @@ def train(config: PolicyModelConfig, data: list[Path], out: Path, *, init: Path 
     log(f"done: loss {losses.get('loss_first', float('nan')):.4f} -> {losses['loss_last']:.4f}; "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("action_mse")))
     if publish:
-        from rise.registry import Registry
+        from rise.training import publish_trained
 
-        if registry is None:
-            raise ValueError("--publish needs --registry")
-        manifest = Registry(registry).publish(
-            "policy", folder, kind=KIND, embodiment=emb.model_dump(), config=config.model_dump(mode="json"),
-            parent=parent, metrics={k: float(v) for k, v in metrics.items() if not math.isnan(v)})
-        summary["version"] = manifest.version
-        log(f"published policy/{manifest.version} to {registry}")
+        summary["version"] = publish_trained(registry, "policy", folder, kind=KIND, embodiment=emb, config=config,
+                                             metrics=metrics, parent=parent, log=log).version
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     writer.close()
     return summary

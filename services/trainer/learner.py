@@ -145,19 +145,18 @@ class Learner:
             self.replay.ack(self.pending_ids)
         self.samples_used, self.pending_ids = used, []
 
-    def publish(self, run_id: str) -> str:
+    def publish(self) -> str:
         """The EMA weights as a new registry version (parent: the previous one); returns its id."""
+        from rise.training import publish_trained
         from services.policy.model import KIND
 
-        folder = self.ema.save(self.run_dir / "publish")
-        manifest = self.registry.publish(
-            "policy", folder, kind=KIND, embodiment=self.embodiment.model_dump(), config=self.ema.config.model_dump(mode="json"),
-            parent=self.version, metrics={"learner_step": float(self.step), "samples_used": float(self.samples_used)})
+        manifest = publish_trained(self.registry.root, "policy", self.ema.save(self.run_dir / "publish"), kind=KIND,
+                                   embodiment=self.embodiment, config=self.ema.config, parent=self.version, log=self.log,
+                                   metrics={"learner_step": float(self.step), "samples_used": float(self.samples_used)})
         self.published.append(manifest.version)
-        self.log(f"learner: published policy/{manifest.version} at step {self.step} (run {run_id})")
         return manifest.version
 
-    def run(self, run_id: str, stop: threading.Event, on_publish: Callable[[str], None], on_step: Callable[[dict], None]) -> None:
+    def run(self, stop: threading.Event, on_publish: Callable[[str], None], on_step: Callable[[dict], None]) -> None:
         """Steps until `config.steps` or `stop`; checkpoints on the way and at the end."""
         cfg = self.config
         while self.step < cfg.steps and not stop.is_set():
@@ -165,7 +164,7 @@ class Learner:
             if self.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
             if self.step % cfg.publish_every == 0:
-                version = self.publish(run_id)
+                version = self.publish()
                 self.checkpoint()  # records the new version (the staleness bound counts from it)
                 on_publish(version)
             on_step(metrics)

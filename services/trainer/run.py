@@ -218,7 +218,7 @@ class TrainerRun:
                 self.status.imagined_samples += len(payloads)
                 (self.run_dir / "advantages.json").write_text(json.dumps(rollouts.advantages[-2048:]))
 
-        learner_done = asyncio.ensure_future(asyncio.to_thread(learner.run, self.run_id, self._stop, on_publish, on_step))
+        learner_done = asyncio.ensure_future(asyncio.to_thread(learner.run, self._stop, on_publish, on_step))
         roller = asyncio.create_task(rollout_loop())
         try:
             await asyncio.wait([learner_done, roller], return_when=asyncio.FIRST_EXCEPTION)

@@ -283,16 +283,10 @@ def train(config: ValueModelConfig, data: list[Path], out: Path, *, resume: bool
     log(f"ranking: progress {metrics['progress_ranking']:.3f} (start {metrics_start['progress_ranking']:.3f}), "
         f"success vs failure {metrics['success_vs_failure']:.3f}")
     if publish:
-        from rise.registry import Registry
+        from rise.training import publish_trained
 
-        if registry is None:
-            raise ValueError("--publish needs --registry")
-        manifest = Registry(registry).publish(
-            "value", folder, kind=KIND, embodiment=config.embodiment_spec.model_dump(),
-            config=config.model_dump(mode="json"),
-            metrics={k: float(v) for k, v in metrics.items() if not math.isnan(v)})
-        summary["version"] = manifest.version
-        log(f"published value/{manifest.version} to {registry}")
+        summary["version"] = publish_trained(registry, "value", folder, kind=KIND, embodiment=config.embodiment_spec, config=config,
+                                             metrics=metrics, log=log).version
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     writer.close()
     return summary
