@@ -96,7 +96,7 @@ protos-check: $(STAMP)
 # uv lives in its own --target dir inside the venv so it never enters the locked set.
 lock: | $(PY)
 	@[ -x $(UV_DIR)/bin/uv ] || $(PY) -m pip install --quiet --target $(UV_DIR) uv==$(UV_VERSION)
-	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra dev --extra triton --extra data --extra ml --python-version 3.12 --generate-hashes -o requirements.lock >/dev/null
+	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra dev --extra triton --extra data --extra ml --extra agent --python-version 3.12 --generate-hashes -o requirements.lock >/dev/null
 	$(UV_DIR)/bin/uv pip compile triton/requirements-pytriton.in --no-deps --python-version 3.12 --generate-hashes -o triton/requirements-pytriton.txt >/dev/null
 	$(UV_DIR)/bin/uv pip compile triton/requirements-stub.in --python-version 3.12 --generate-hashes -o triton/requirements-stub.txt >/dev/null
 	@echo "wrote requirements.lock"
