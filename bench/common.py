@@ -1,11 +1,14 @@
-"""What the benchmarks share: a throwaway registry of real small-tier models, free ports, the machine."""
+"""What the benchmarks share: a throwaway registry of real small-tier models, the services as child
+processes, free ports, the machine."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,3 +82,57 @@ def machine() -> dict:
     return {"cpu": cpu, "nproc": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
             "torch": torch.__version__, "grpcio": grpc.__version__,
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit, "uncommitted": dirty}
+
+
+class ServiceProcesses:
+    """Model services (`models`) as `.venv/bin/rise serve <name> --config <yaml>` child processes,
+    torch threads 1 each, on free ports of 127.0.0.1."""
+
+    def __init__(self, store: Path, logs: Path, models: tuple[str, ...] = MODELS):
+        self.urls, self.procs, self.logs = {}, {}, logs
+        logs.mkdir(parents=True, exist_ok=True)
+        rise = Path(sys.executable).parent / "rise"
+        for name in models:
+            port = free_port()
+            config = logs / f"{name}.yaml"
+            config.write_text(f"registry_root: {store}\ntorch_threads: 1\nserver:\n  port: {port}\n  log_json: false\n")
+            with open(logs / f"{name}.log", "w") as log:
+                self.procs[name] = subprocess.Popen([str(rise), "serve", name, "--config", str(config)], cwd=ROOT,
+                                                    stdout=log, stderr=subprocess.STDOUT)
+            self.urls[name] = f"grpc://127.0.0.1:{port}"
+
+    async def wait_ready(self, timeout_s: float = 300.0) -> dict[str, dict[str, str]]:
+        """Until every service answers ModelAdmin.ListVersions; returns their routed aliases."""
+        from rise.transport import connect_admin
+
+        deadline, routes = time.monotonic() + timeout_s, {}
+        for name, url in self.urls.items():
+            admin = connect_admin(url)
+            try:
+                while True:
+                    if self.procs[name].poll() is not None:
+                        raise RuntimeError(f"rise serve {name} exited ({self.procs[name].returncode}):\n{self.tail(name)}")
+                    try:
+                        routes[name] = (await admin.list_versions(timeout_s=5)).aliases
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"rise serve {name} not ready after {timeout_s:.0f} s:\n{self.tail(name)}")
+                        await asyncio.sleep(0.5)
+            finally:
+                await admin.close()
+        return routes
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

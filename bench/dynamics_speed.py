@@ -54,7 +54,6 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rise.batching import BatchingConfig  # noqa: E402
-from rise.embodiment import load_embodiment  # noqa: E402
 from rise.model_host import load_by_kind, start_model_service  # noqa: E402
 from rise.proto.v1 import dynamics_pb2_grpc  # noqa: E402
 from rise.registry import Registry  # noqa: E402

@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,58 +57,11 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import build_store, free_port, machine  # noqa: E402
+from bench.common import ServiceProcesses, build_store, machine  # noqa: E402
 
 IN_PROCESS, GRPC_BATCH, GRPC_UNARY = "in-process", "grpc ActBatch", "grpc Act (raw stub)"
 TASK_TEXT = "pick and place a puck to a goal"
 ADVANTAGE_BIN = 10
-
-
-# ---- setup: a registry with one small policy ------------------------------------------------------
-class PolicyProcess:
-    """`.venv/bin/rise serve policy --config <yaml>` as a child process."""
-
-    def __init__(self, store: Path, logs: Path):
-        logs.mkdir(parents=True, exist_ok=True)
-        self.log = logs / "policy.log"
-        port = free_port()
-        config = logs / "policy.yaml"
-        config.write_text(f"registry_root: {store}\ntorch_threads: 1\nserver:\n  port: {port}\n  log_json: false\n")
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "rise"), "serve", "policy", "--config", str(config)],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.url, self.address = f"grpc://127.0.0.1:{port}", f"127.0.0.1:{port}"
-
-    async def wait_ready(self, timeout_s: float = 300.0) -> dict[str, str]:
-        """Until the service answers ModelAdmin.ListVersions; returns its routed aliases."""
-        from rise.transport import connect_admin
-
-        deadline = time.monotonic() + timeout_s
-        admin = connect_admin(self.url)
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"rise serve policy exited ({self.proc.returncode}):\n{self.tail()}")
-                try:
-                    return dict((await admin.list_versions(timeout_s=5)).aliases)
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"rise serve policy not ready after {timeout_s:.0f} s:\n{self.tail()}")
-                    await asyncio.sleep(0.5)
-        finally:
-            await admin.close()
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # ---- inputs and the three ways to call ------------------------------------------------------------
@@ -184,19 +136,19 @@ async def bench(args, store: Path, work: Path, console: Console) -> dict:
     embodiment = load_embodiment(args.embodiment)
     console.print("starting `rise serve policy` and loading the same version in this process")
     t = time.perf_counter()
-    server = PolicyProcess(store, work / "service-logs")
+    server = ServiceProcesses(store, work / "service-logs", models=("policy",))
     client = channel = None
     try:
         host = ModelHost(Registry(store), "policy", embodiment, load_by_kind(KINDS, "policy"))
         await host.start(ModelServiceConfig.model_fields["preload"].default)
         loaded = host.get("stable")
-        routes = await server.wait_ready()
+        routes = dict((await server.wait_ready())["policy"])
         console.print(f"  ready in {time.perf_counter() - t:.0f} s; in-process {loaded.version} "
                       f"({loaded.manifest.kind}), server routes {routes}")
         if routes.get("stable") != loaded.version:
             raise RuntimeError(f"the server routes stable to {routes.get('stable')}, in-process has {loaded.version}")
-        client = connect_policy(server.url)
-        channel = open_channel(server.address)
+        client = connect_policy(server.urls["policy"])
+        channel = open_channel(server.urls["policy"].removeprefix("grpc://"))
         callers = Callers(loaded.model, client, policy_pb2_grpc.PolicyServiceStub(channel), embodiment)
         inputs = {b: make_inputs(embodiment, b, args.seed + b) for b in args.batches}
         modes = {b: [IN_PROCESS, GRPC_BATCH] + ([GRPC_UNARY] if b == 1 and not args.no_unary else []) for b in args.batches}

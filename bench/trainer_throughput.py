@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import MODELS, build_store, free_port, machine  # noqa: E402
+from bench.common import MODELS, ServiceProcesses, build_store, machine  # noqa: E402
 
 MODES = ("services", "in-process")
 STAGES = ("policy", "dynamics", "value", "encode", "other", "push")
@@ -68,58 +67,7 @@ STAGES = ("policy", "dynamics", "value", "encode", "other", "push")
 
 # ---- setup: data and a registry of real small models ------------------------------------------------
 
-# ---- mode "services": three `rise serve` processes ----------------------------------------------
-class ServiceProcesses:
-    """policy, value, dynamics as `.venv/bin/rise serve <name> --config <yaml>` child processes."""
-
-    def __init__(self, store: Path, logs: Path):
-        self.urls, self.procs, self.logs = {}, {}, logs
-        logs.mkdir(parents=True, exist_ok=True)
-        rise = Path(sys.executable).parent / "rise"
-        for name in MODELS:
-            port = free_port()
-            config = logs / f"{name}.yaml"
-            config.write_text(f"registry_root: {store}\ntorch_threads: 1\nserver:\n  port: {port}\n  log_json: false\n")
-            with open(logs / f"{name}.log", "w") as log:
-                self.procs[name] = subprocess.Popen([str(rise), "serve", name, "--config", str(config)], cwd=ROOT,
-                                                    stdout=log, stderr=subprocess.STDOUT)
-            self.urls[name] = f"grpc://127.0.0.1:{port}"
-
-    async def wait_ready(self, timeout_s: float = 300.0) -> dict[str, dict[str, str]]:
-        """Until every service answers ModelAdmin.ListVersions; returns their routed aliases."""
-        from rise.transport import connect_admin
-
-        deadline, routes = time.monotonic() + timeout_s, {}
-        for name, url in self.urls.items():
-            admin = connect_admin(url)
-            try:
-                while True:
-                    if self.procs[name].poll() is not None:
-                        raise RuntimeError(f"rise serve {name} exited ({self.procs[name].returncode}):\n{self.tail(name)}")
-                    try:
-                        routes[name] = (await admin.list_versions(timeout_s=5)).aliases
-                        break
-                    except Exception:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"rise serve {name} not ready after {timeout_s:.0f} s:\n{self.tail(name)}")
-                        await asyncio.sleep(0.5)
-            finally:
-                await admin.close()
-        return routes
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+# ---- mode "services": three `rise serve` processes (bench/common.py: ServiceProcesses) -----------
 
 
 # ---- mode "in-process": the services' loaders and model calls, no transport ----------------------
