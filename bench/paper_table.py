@@ -11,12 +11,19 @@ Per task, the same data and evaluation seeds for every method:
   value       progress then TD value model                                   (`rise train value`)
   label       chunk advantages -> bins                                       (`rise label`)
   recap       advantage-conditioned fine-tune of the imitation policy on the labelled data
-  rise-oracle RL in imagination from the RECAP policy with the simulator as the world model
-              (the upper bound for learned imagination: separates world-model error from the rest)
+  dynamics    the learned world model at the tier's own config                 (`rise train dynamics`)
+  rise        RL in imagination from the RECAP policy through the services, learned world model;
+              `--offline-ratios 0.1,0.3,0.6,0.9` adds one run per ratio (methods `rise-offline10`, ...)
+  rise-oracle the same with the simulator as the world model (the upper bound for learned
+              imagination: separates world-model error from the rest)
   eval        every policy through `rise eval` on held-out layouts, prompted with the best bin;
               Wilson 95% intervals
+  curve       with `--curve-episodes N`: every version a RISE run published, N episodes each
+              (success vs RL steps)
+`--seeds 0,1,2` repeats every training stage per seed (the data and evaluation layouts stay the
+same); cells then pool the seeds' episodes and list each seed's rate.
 
-Writes `<out>/table.md`, `<out>/table.json` and `<out>/success.png`.
+Writes `<out>/table.md`, `<out>/table.json`, `<out>/success.png` and (with curves) `<out>/curve.png`.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False)
-METHODS = ("imitation", "recap", "rise-oracle")
+METHODS = ("imitation", "recap", "rise", "rise-oracle")
+# Keys added to the run config after runs were made: their values for an older state.json.
+LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0}
 
 
 class State:
@@ -69,64 +78,83 @@ class PolicyServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def run_task(task: str, out: Path, state: State, cfg: dict, log) -> dict:
+def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> dict:
     from rise.baselines import publish_oracle_dynamics
     from rise.data.collect import collect
     from rise.embodiment import PRESETS
     from rise.registry import Registry
     from rise.sim.evaluate import evaluate
+    from services.dynamics.model import load_model_config as load_dynamics_config
+    from services.dynamics.train import train as train_dynamics
     from services.policy.model import load_model_config
     from services.policy.train import train as train_policy
     from services.value.label import label
     from services.value.model import load_model_config as load_value_config
     from services.value.train import train as train_value
 
-    folder = out / task
+    # The first seed keeps the plain layout (`<task>/...`): runs made before seeds existed resume.
+    first = seed == cfg["seeds"][0]
+    folder = out / task if first else out / task / f"seed{seed}"
     registry = Registry(folder / "store")
     emb = PRESETS["metaworld"]
-    key = lambda stage: f"{task}/{stage}"  # noqa: E731
+    key = lambda stage: f"{task}/{stage}" if first else f"{task}/seed{seed}/{stage}"  # noqa: E731
 
     def stage(name: str, fn) -> dict:
         if (done := state.done(key(name))) is not None:
-            log(f"[{task}] {name}: done before, skipped")
+            log(f"[{task} seed {seed}] {name}: done before, skipped")
             return done
-        log(f"[{task}] {name} ...")
+        log(f"[{task} seed {seed}] {name} ...")
         started = time.perf_counter()
         result = fn()
         result["wall_s"] = round(time.perf_counter() - started, 1)
-        log(f"[{task}] {name}: {result.get('version', '')} in {result['wall_s']} s")
+        log(f"[{task} seed {seed}] {name}: {result.get('version', '')} in {result['wall_s']} s")
         return state.record(key(name), result)
 
-    data, labelled = folder / "data", folder / "data-labelled"
-    stage("collect", lambda: {"summary": collect(task, cfg["episodes"], data, noise=cfg["noise"], workers=1, seed=cfg["seed"],
-                                                 progress=True)})
+    data, labelled = out / task / "data", folder / "data-labelled"
+    if (collected := state.done(f"{task}/collect")) is None:  # one dataset per task, shared by the seeds
+        log(f"[{task}] collect ...")
+        started = time.perf_counter()
+        collected = {"summary": collect(task, cfg["episodes"], data, noise=cfg["noise"], workers=1, seed=cfg["seed"],
+                                        progress=True), "wall_s": 0.0}
+        collected["wall_s"] = round(time.perf_counter() - started, 1)
+        state.record(f"{task}/collect", collected)
     imitation = stage("imitation", lambda: train_policy(
         load_model_config(cfg["tier"], {"training.steps": cfg["policy_steps"], "training.mode": "imitation",
-                                        "training.seed": cfg["seed"]}),
+                                        "training.seed": seed}),
         [data], folder / "imitation", registry=registry.root, publish=True, threads=1))
     value = stage("value", lambda: train_value(
         load_value_config(cfg["tier"], {"training.progress_steps": cfg["value_steps"] // 2,
                                         "training.td_steps": cfg["value_steps"] - cfg["value_steps"] // 2,
-                                        "training.seed": cfg["seed"]}),
+                                        "training.seed": seed}),
         [data], folder / "value", registry=registry.root, publish=True, threads=1))
     stage("label", lambda: label(str(Path(value["model"])), data, labelled))
     recap = stage("recap", lambda: train_policy(
         load_model_config(cfg["tier"], {"training.steps": cfg["recap_steps"], "training.mode": "advantage",
-                                        "training.seed": cfg["seed"]}),
+                                        "training.seed": seed}),
         [labelled], folder / "recap", init=Path(imitation["model"]), registry=registry.root, publish=True, threads=1))
     versions = {"imitation": imitation["version"], "recap": recap["version"]}
 
-    if "rise-oracle" in cfg["methods"]:
-        def rise_oracle() -> dict:
+    rise_runs = rise_methods(cfg)
+    if any(dyn == "learned" for dyn, _ in rise_runs.values()):
+        dynamics = stage("dynamics", lambda: train_dynamics(
+            load_dynamics_config(cfg["tier"], {"training.seed": seed}), [data], folder / "dynamics",
+            registry=registry.root, publish=True, threads=1))
+    for method, (dyn, ratio) in rise_runs.items():
+        def rise_run(method=method, dyn=dyn, ratio=ratio) -> dict:
             registry.set_alias("policy", "stable", recap["version"])
             registry.set_alias("value", "stable", value["version"])
-            registry.set_alias("dynamics", "stable", publish_oracle_dynamics(registry, emb).version)
-            return run_rise(task, folder, registry, labelled, cfg, log)
-        versions["rise-oracle"] = stage("rise-oracle", rise_oracle)["version"]
+            world = dynamics["version"] if dyn == "learned" else publish_oracle_dynamics(registry, emb).version
+            registry.set_alias("dynamics", "stable", world)
+            overrides = {"learner.offline_ratio": ratio} if ratio is not None else {}
+            return run_rise(task, method, seed, folder, registry, labelled, cfg, overrides, log)
+        versions[method] = stage(method, rise_run)["version"]
 
     for method, version in versions.items():  # each method's version under its own alias, served at once
         registry.set_alias("policy", method, version)
-    server = PolicyServer(registry.root, preload=list(versions))
+    curves = {m: published_chain(registry, versions[m], recap["version"]) for m in rise_runs} if cfg["curve_episodes"] else {}
+    for version in {v for chain in curves.values() for v in chain}:  # the server preloads aliases only
+        registry.set_alias("policy", f"curve-{version}", version)
+    server = PolicyServer(registry.root, preload=list(versions) + [f"curve-{v}" for chain in curves.values() for v in chain])
     try:
         results = {}
         for method in versions:
@@ -134,10 +162,38 @@ def run_task(task: str, out: Path, state: State, cfg: dict, log) -> dict:
             results[method] = stage(f"eval-{method}", lambda: evaluate(
                 server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
                 advantage_bin=0 if method == "imitation" else 10, record=_fresh(record), progress=True).summary())
+        for method, chain in curves.items():  # success vs RL steps: recap's version is step 0
+            def curve(chain=chain) -> dict:
+                points = []
+                for version in [recap["version"], *chain]:
+                    step = registry.manifest("policy", version).metrics.get("learner_step", 0.0)
+                    alias = "recap" if version == recap["version"] else f"curve-{version}"
+                    s = evaluate(server.running.address, task, cfg["curve_episodes"], version=alias,
+                                 seed=cfg["eval_seed"], advantage_bin=10, progress=True).summary()
+                    points.append({"version": version, "learner_step": step, "successes": s["successes"],
+                                   "episodes": s["episodes"], "success_rate": s["success_rate"], "wilson95": s["wilson95"]})
+                return {"points": points}
+            results[f"curve-{method}"] = stage(f"curve-{method}", curve)
     finally:
         server.close()
     ranking = stage("value-ranking", lambda: value_ranking(Path(value["model"]), folder / "eval-imitation", emb))
     return {"value": value["metrics"], "value_ranking": ranking, **results}
+
+
+def rise_methods(cfg: dict) -> dict[str, tuple[str, float | None]]:
+    """RISE runs asked for: method -> (world model "learned" | "oracle", offline ratio or None = config's)."""
+    runs = {m: ("learned" if m == "rise" else "oracle", None) for m in cfg["methods"] if m in ("rise", "rise-oracle")}
+    runs |= {f"rise-offline{round(100 * r)}": ("learned", float(r)) for r in cfg["offline_ratios"]}
+    return runs
+
+
+def published_chain(registry, final: str, start: str) -> list[str]:
+    """The versions a RISE run published, oldest first: `final`'s parents back to `start` (excluded)."""
+    chain, version = [], final
+    while version and version != start:
+        chain.append(version)
+        version = registry.manifest("policy", version).parent
+    return chain[::-1]
 
 
 def _fresh(path: Path) -> Path:
@@ -169,7 +225,8 @@ def value_ranking(model: Path, rollouts: Path, emb) -> dict:
     return {**metrics, "episodes": int(episodes.num_episodes), "successes": successes}
 
 
-def run_rise(task: str, folder: Path, registry, data: Path, cfg: dict, log) -> dict:
+def run_rise(task: str, method: str, seed: int, folder: Path, registry, data: Path, cfg: dict, overrides: dict,
+             log) -> dict:
     """Services on 127.0.0.1 + RL in imagination through them; returns the run's final policy version."""
     from rise.serving import ServerConfig
     from rise.services import service
@@ -184,11 +241,11 @@ def run_rise(task: str, folder: Path, registry, data: Path, cfg: dict, log) -> d
             config_cls, start = service(name)
             config = config_cls(registry_root=registry.root, torch_threads=1, server=ServerConfig(port=0, log_json=False))
             running[name] = asyncio.run_coroutine_threadsafe(start(config), loop).result(300)
-        overrides = {"out": str(folder / "rise"), "registry_root": str(registry.root), "data": json.dumps([str(data)]),
+        overrides = {"out": str(folder / method), "registry_root": str(registry.root), "data": json.dumps([str(data)]),
                      **{f"services.{n}": f"grpc://{r.address}" for n, r in running.items()},
-                     "replay.stream": f"rise-bench:{task}", "learner.steps": cfg["rl_steps"],
-                     "learner.seed": cfg["seed"], "gate.every_versions": 0, **cfg["set"]}
-        run = TrainerRun(load_run_config(None, overrides), "oracle", log=log)
+                     "replay.stream": f"rise-bench:{task}:{method}:{seed}", "learner.steps": cfg["rl_steps"],
+                     "learner.seed": seed, "gate.every_versions": 0, **cfg["set"], **overrides}
+        run = TrainerRun(load_run_config(None, overrides), method, log=log)
         status = asyncio.run(run.run())
         if status.state != "succeeded":
             raise RuntimeError(f"RISE run ended {status.state}: {status.message}")
@@ -200,18 +257,26 @@ def run_rise(task: str, folder: Path, registry, data: Path, cfg: dict, log) -> d
         loop.call_soon_threadsafe(loop.stop)
 
 
-def write_table(out: Path, tasks: list[str], state: State, methods: list[str]) -> str:
+def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
     from rise.sim.stats import format_rate
 
+    methods = [m for m in cfg["methods"] if m != "rise-oracle"] + [m for m in rise_methods(cfg) if m.startswith("rise-offline")]
+    methods += ["rise-oracle"] if "rise-oracle" in cfg["methods"] else []
+    seeds = cfg["seeds"]
+    key = lambda task, seed, stage: f"{task}/{stage}" if seed == seeds[0] else f"{task}/seed{seed}/{stage}"  # noqa: E731
     lines = ["| task | " + " | ".join(methods) + " | value: success > failure (held-out) |",
              "| --- | " + " | ".join("---" for _ in methods) + " | --- |"]
     rows = {}
     for task in tasks:
         cells = []
         for method in methods:
-            s = state.done(f"{task}/eval-{method}")
-            cells.append(format_rate(s["successes"], s["episodes"]) if s else "—")
-            rows.setdefault(task, {})[method] = s
+            done = [s for seed in seeds if (s := state.done(key(task, seed, f"eval-{method}")))]
+            pooled = pool(done)
+            rows.setdefault(task, {})[method] = pooled
+            cell = format_rate(pooled["successes"], pooled["episodes"]) if pooled else "—"
+            if len(done) > 1:
+                cell += " (seeds: " + ", ".join(f"{s['successes']}/{s['episodes']}" for s in done) + ")"
+            cells.append(cell)
         value = state.done(f"{task}/value-ranking")
         ranking = value.get("success_vs_failure") if value else None
         cells.append(f"{ranking:.2f}" if isinstance(ranking, float) else "—")
@@ -220,7 +285,43 @@ def write_table(out: Path, tasks: list[str], state: State, methods: list[str]) -
     (out / "table.md").write_text(table)
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(out / "success.png", tasks, methods, rows)
+    curves = {(task, m): c["points"] for task in tasks for m in methods
+              if (c := state.done(key(task, seeds[0], f"curve-{m}")))}
+    if curves:
+        _plot_curves(out / "curve.png", curves)
     return table
+
+
+def pool(summaries: list[dict]) -> dict | None:
+    """Several evaluations (seeds) of one method as one: summed episodes, Wilson interval of the sum."""
+    from rise.sim.stats import wilson_interval
+
+    if not summaries:
+        return None
+    successes, episodes = sum(s["successes"] for s in summaries), sum(s["episodes"] for s in summaries)
+    return {"successes": successes, "episodes": episodes, "success_rate": successes / episodes,
+            "wilson95": list(wilson_interval(successes, episodes)), "seeds": len(summaries)}
+
+
+def _plot_curves(path: Path, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (task, method), points in curves.items():
+        steps = [p["learner_step"] for p in points]
+        ax.errorbar(steps, [p["success_rate"] for p in points], marker="o", capsize=3, label=f"{task} {method}",
+                    yerr=[[p["success_rate"] - p["wilson95"][0] for p in points],
+                          [p["wilson95"][1] - p["success_rate"] for p in points]])
+    ax.set_xlabel("RL learner steps (0: the RECAP policy it starts from)")
+    ax.set_ylabel("success (Wilson 95%)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot(path: Path, tasks: list[str], methods: list[str], rows: dict) -> None:
@@ -266,6 +367,9 @@ def main(
     eval_episodes: int = typer.Option(50),
     seed: int = typer.Option(0),
     eval_seed: int = typer.Option(1, help="Evaluation layouts 2**32 + 100000 * eval_seed + episode: never the data's."),
+    offline_ratios: str = typer.Option("", help="RISE offline-ratio sweep, e.g. 0.1,0.3,0.6,0.9 (learned world model)."),
+    seeds: str = typer.Option("0", help="Training seeds, e.g. 0,1,2 (every training stage once per seed)."),
+    curve_episodes: int = typer.Option(0, help="Evaluate every published RISE version on this many episodes (0: off)."),
     set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks)."),
 ) -> None:
     import torch
@@ -274,15 +378,21 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"tier": tier, "episodes": episodes, "noise": noise, "policy_steps": policy_steps, "recap_steps": recap_steps,
            "value_steps": value_steps, "rl_steps": rl_steps, "eval_episodes": eval_episodes, "seed": seed,
-           "eval_seed": eval_seed, "methods": methods.split(","), "set": dict(s.split("=", 1) for s in set_)}
+           "eval_seed": eval_seed, "methods": methods.split(","), "set": dict(s.split("=", 1) for s in set_),
+           "offline_ratios": [float(r) for r in offline_ratios.split(",") if r],
+           "seeds": [int(x) for x in seeds.split(",")], "curve_episodes": curve_episodes}
+    unknown = set(cfg["methods"]) - set(METHODS)
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
     state = State(out / "state.json")
-    if state.done("config") not in (None, cfg):
-        raise typer.BadParameter(f"{out} was started with another config ({state.done('config')}); use a new --out")
+    if (before := state.done("config")) is not None and {**LEGACY_CONFIG, **before} != cfg:
+        raise typer.BadParameter(f"{out} was started with another config ({before}); use a new --out")
     state.record("config", cfg)
     task_list = tasks.split(",")
     for task in task_list:
-        run_task(task, out, state, cfg, log=print)
-        print(write_table(out, task_list, state, cfg["methods"]))
+        for seed in cfg["seeds"]:
+            run_task(task, seed, out, state, cfg, log=print)
+        print(write_table(out, task_list, state, cfg))
 
 
 if __name__ == "__main__":
