@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import hmac
 import importlib
+import inspect
 import json
 import logging
 import signal
@@ -107,6 +108,12 @@ class ClientConfig(StrictModel):
     token_file: Path | None = None
     # Default deadline for calls made through `rise` clients, in seconds.
     timeout_s: float = Field(default=30.0, gt=0)
+    # How calls spread over the servers behind `address`. "auto": a target that can name several
+    # replicas (a resolver scheme, `dns:///svc:port` or `ipv4:a:p,b:p`, see `is_replicated`) is
+    # balanced round robin over the replicas whose standard health service says SERVING (a
+    # draining replica drops out before it stops); a plain host:port keeps gRPC's default
+    # (pick_first: one connection).
+    load_balancing: Literal["auto", "round_robin", "pick_first"] = "auto"
 
 
 def _size_options(max_message_mb: float) -> list[tuple[str, int]]:
@@ -194,7 +201,13 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
             state = _CallState(method, time.perf_counter())
             try:
                 self._authenticate(needs_auth, context)
-                async for response in inner_stream(request, context):
+                responses = inner_stream(request, context)
+                if inspect.isawaitable(responses):
+                    # A handler that writes with `context.write` (grpc_health's Health.Watch, which
+                    # clients' health checking calls) instead of yielding: run it to its end.
+                    await responses
+                    return
+                async for response in responses:
                     yield response
             except BaseException as exc:
                 await self._fail(state, context, exc)
@@ -397,11 +410,46 @@ class _TokenStreamStream(_TokenDetails, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-def open_channel(config: ClientConfig | str, tracing: bool = False) -> grpc.aio.Channel:
-    """An aio channel with the configured size limits, TLS and token."""
+# gRPC's name-resolver schemes: a target with one may stand for several servers.
+_RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def is_replicated(target: str) -> bool:
+    """Whether a gRPC target may name several replicas: `dns:///svc:port` (every address the name
+    resolves to, e.g. a Kubernetes headless Service) or `ipv4:h1:p1,h2:p2` / `ipv6:[..]:p,...`."""
+    return target.startswith(_RESOLVER_SCHEMES) or "," in target
+
+
+def _service_config(retry_methods: tuple[str, ...]) -> str:
+    """round_robin over healthy replicas (gRPC client health checking, gRFC A17: each replica's
+    `grpc.health.v1.Health/Watch` for the server as a whole, service name ""), and a retry on
+    another replica for the listed methods ("package.Service/Method") when one fails UNAVAILABLE."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+    if retry_methods:
+        names = [dict(zip(("service", "method"), m.split("/", 1))) for m in retry_methods]
+        config["methodConfig"] = [{"name": names, "retryPolicy": {
+            "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+            # UNAVAILABLE only: the replica went away or refused; the call's deadline still bounds the whole.
+            "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return json.dumps(config)
+
+
+def open_channel(config: ClientConfig | str, tracing: bool = False, retry_methods: tuple[str, ...] = ()) -> grpc.aio.Channel:
+    """An aio channel with the configured size limits, TLS and token.
+
+    With round-robin balancing (`ClientConfig.load_balancing`), calls to `retry_methods`
+    ("package.Service/Method": pure calls only, the caller's promise) that fail UNAVAILABLE are
+    retried by the channel, on the next healthy replica. Every other method is sent once.
+    """
     if isinstance(config, str):
         config = ClientConfig(address=config)
     options = _size_options(config.max_message_mb)
+    balanced = config.load_balancing == "round_robin" or (config.load_balancing == "auto" and is_replicated(config.address))
+    if balanced:
+        limit = int(config.max_message_mb * 1024 * 1024)
+        options += [("grpc.service_config", _service_config(tuple(retry_methods))),
+                    # A retried call is replayed from a buffer; a request bigger than it is never retried.
+                    ("grpc.per_rpc_retry_buffer_size", limit), ("grpc.retry_buffer_size", 4 * limit)]
     interceptors: list[Any] = []
     if tracing:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors

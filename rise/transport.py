@@ -14,7 +14,11 @@ for equal inputs and seed) and raise the same `rise.errors` classes (`InvalidArg
 `NotFound`, `FailedPrecondition`, ...; other failures: `RemoteError` with the status code).
 `call_with_retries` retries the transient ones (a service restarting).
 
-URLs: `grpc://host:port` (a bare `host:port` too; TLS and tokens through `client=ClientConfig`),
+URLs: `grpc://host:port` (a bare `host:port` too; TLS and tokens through `client=ClientConfig`);
+replicas of one service: a gRPC target, `dns:///dynamics-headless:50053` (every address the name
+resolves to) or `ipv4:10.0.0.1:50053,10.0.0.2:50053`: calls go round robin over the replicas that
+report SERVING, and pure calls (`IDEMPOTENT_METHODS`) that fail UNAVAILABLE are sent again to the
+next one (per-replica dynamic batching stays in each server);
 `triton://host:port[/model]` (Triton's gRPC port, 8001 by default; `/model` picks the Triton
 model name, default the service's: `policy`, `value`, `dynamics`). Model administration is gRPC
 only: Triton binds its versions when it starts.
@@ -48,6 +52,16 @@ _NUMBERED = re.compile(r"^v?(\d+)$")
 # refuses connections reports UNAVAILABLE too).
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+
+# Calls that may run twice, on any replica, without harm: pure functions of the request (the model
+# version is resolved per call). Only these are retried by the channel (on another replica) and by
+# `call_with_retries`.
+IDEMPOTENT_METHODS = ("rise.v1.PolicyService/Act", "rise.v1.PolicyService/ActBatch", "rise.v1.DynamicsService/Imagine",
+                      "rise.v1.ValueService/Score", "rise.v1.ModelAdmin/ListVersions")
+# Calls with side effects on one replica's state: sent once, to one named replica (`connect_admins`);
+# a failure is followed by reading the state back (`ensure_alias`), never by sending the call again blindly.
+SIDE_EFFECT_METHODS = ("rise.v1.ModelAdmin/LoadVersion", "rise.v1.ModelAdmin/SetAlias", "rise.v1.ModelAdmin/UnloadVersion")
+_TARGET_SCHEMES = ("dns:/", "ipv4:", "ipv6:")  # gRPC resolver targets, passed through as they are
 
 logger = logging.getLogger("rise.transport")
 T = TypeVar("T")
@@ -105,7 +119,10 @@ class Endpoint(NamedTuple):
 
 
 def parse_url(url: str, default_model: str = "") -> Endpoint:
-    """`grpc://h:p`, `h:p` (gRPC) or `triton://h:p[/model]` -> Endpoint."""
+    """`grpc://h:p`, `h:p` (gRPC), a gRPC target for replicas (`dns:///svc:p`, `ipv4:h1:p,h2:p`) or
+    `triton://h:p[/model]` -> Endpoint."""
+    if url.startswith(_TARGET_SCHEMES):
+        return Endpoint("grpc", url, "")
     if "://" not in url:
         url = f"grpc://{url}"
     parts = urlsplit(url)
@@ -159,14 +176,14 @@ class _Client(abc.ABC):
 
 
 class _GrpcClient(_Client):
-    """One channel to a service; every call gets the default deadline and the error mapping."""
+    """One channel to a service (or to its replicas); every call gets the default deadline and the error mapping."""
 
     def __init__(self, config: ClientConfig):
-        from rise.serving import open_channel
+        from rise.serving import is_replicated, open_channel
 
         self.config = config
-        self.url = f"grpc://{config.address}"
-        self._channel = open_channel(config)
+        self.url = config.address if is_replicated(config.address) else f"grpc://{config.address}"
+        self._channel = open_channel(config, retry_methods=IDEMPOTENT_METHODS)
 
     async def _call(self, method, request, timeout_s: float | None):
         try:
@@ -554,7 +571,62 @@ def connect_admin(url: str, client: ClientConfig | None = None) -> AdminClient:
     if endpoint.scheme == "triton":
         raise InvalidArgument(f"{url!r}: model administration is gRPC only; Triton binds its versions when it starts "
                               "(restart `rise serve-triton` with other --bind values, or use the gRPC service's address)")
+    if config.load_balancing != "pick_first" and is_replicated_url(url):
+        raise InvalidArgument(f"{url!r} names several replicas: administer each one (connect_admins), since a "
+                              "load-balanced LoadVersion/SetAlias would change one replica at random")
     return AdminClient(config)
+
+
+def is_replicated_url(url: str) -> bool:
+    """Whether a service URL may stand for several replicas (see `rise.serving.is_replicated`)."""
+    from rise.serving import is_replicated
+
+    return is_replicated(parse_url(url).address)
+
+
+def replica_addresses(url: str) -> list[str]:
+    """host:port of every replica a service URL names now: a comma list as written, a `dns:///name:port`
+    resolved here (the addresses a round-robin channel would use), else the one address."""
+    import socket
+
+    target = parse_url(url).address
+    if target.startswith(("ipv4:", "ipv6:")):
+        return target.split(":", 1)[1].split(",")
+    if target.startswith("dns:/"):
+        hostport = target.split("/")[-1]  # dns:///name:port or dns://authority/name:port
+        host, _, port = hostport.rpartition(":")
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        return sorted({f"[{a[4][0]}]:{port}" if a[0] == socket.AF_INET6 else f"{a[4][0]}:{port}" for a in infos})
+    return [target]
+
+
+def connect_admins(url: str, client: ClientConfig | None = None) -> list[AdminClient]:
+    """One `ModelAdmin` client per replica of the service at `url` (pinned: no balancing, no retries)."""
+    pinned = (client or ClientConfig(address="-")).model_copy(update={"load_balancing": "pick_first"})
+    return [connect_admin(f"grpc://{address}", pinned) for address in replica_addresses(url)]
+
+
+async def ensure_alias(admin: AdminClient, alias: str, version: str, *, attempts: int, backoff_s: float,
+                       max_backoff_s: float, log: Callable[[str], object] | None = None) -> None:
+    """Make one replica route `alias` to `version` (loading it), without ever re-sending SetAlias blindly.
+
+    SetAlias changes the replica's state, so after a transient failure (was it applied before the
+    connection dropped?) the routing is read back (ListVersions, a pure call) and SetAlias is sent
+    again only if the alias does not point at `version` yet.
+    """
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            if attempt > 1 and (await admin.list_versions()).aliases.get(alias) == version:
+                return
+            await admin.set_alias(alias, version)
+            return
+        except RemoteError as exc:
+            if not is_transient(exc) or attempt == attempts:
+                raise
+            (log or logger.warning)(f"{admin.url} SetAlias {alias}={version}: {exc}; reading the routing back in {delay:.2f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_backoff_s)
 
 
 # ---- retries -------------------------------------------------------------------------------
@@ -566,6 +638,9 @@ def is_transient(exc: BaseException) -> bool:
 async def call_with_retries(fn: Callable[[], Awaitable[T]], *, attempts: int, backoff_s: float, max_backoff_s: float,
                             what: str, log: Callable[[str], object] | None = None) -> T:
     """`await fn()`, called again after a transient failure, up to `attempts` calls in all.
+
+    Only for calls that may run twice (`IDEMPOTENT_METHODS`: act, imagine, score, list versions);
+    model administration that changes state goes through `ensure_alias`.
 
     Waits `backoff_s`, then twice as long each time, at most `max_backoff_s`; each retry is
     logged (through `log`, e.g. `print`, else the `rise.transport` logger). Other errors, and the

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 
 from rise.config import StrictModel
+from services.trainer.distributed import DistributedConfig
 from services.trainer.replay import ReplayConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -73,6 +74,9 @@ class LearnerConfig(StrictModel):
     # How long a step waits for its replay share before filling the rest with offline samples
     # (imagination slower than the learner: steps wait, rather than drift off the offline ratio).
     replay_wait_s: float = Field(30.0, ge=0)
+    # Under torchrun (several learner ranks): DDP or FSDP, backend, checkpoints kept. `batch_size`
+    # is the global batch: each of N ranks trains on batch_size / N samples per step.
+    distributed: DistributedConfig = DistributedConfig()
 
 
 class GateConfig(StrictModel):

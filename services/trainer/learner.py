@@ -13,6 +13,10 @@ disk: a learner killed at any point resumes from its checkpoint and gets the una
 samples back (at-least-once). `samples_used` in the checkpoint counts replay samples used by
 checkpointed steps; a kill between a checkpoint and its acknowledgement re-delivers (and so
 counts twice) that checkpoint's samples, which Redis's own `consumed` counter counts once.
+
+Under torchrun the same learner runs on every rank (`distributed.py`): each draws 1/N of the
+batch from its own replay consumer and offline shard, gradients meet in DDP (or FSDP), and the
+checkpoint is a torch.distributed.checkpoint folder; one process is the world of one.
 """
 
 from __future__ import annotations
@@ -20,35 +24,66 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from services.trainer import distributed
 from services.trainer.config import LearnerConfig
+from services.trainer.distributed import World
 from services.trainer.replay import version_number
 
-CHECKPOINT = "learner.pt"
+CHECKPOINT = "learner.pt"  # the single process's checkpoint; ranks write distributed.CHECKPOINTS folders
+
+
+@dataclass
+class Batch:
+    """One rank's share of a step: offline windows followed by replay samples, and the step's seed."""
+
+    views: dict[str, np.ndarray]
+    states: np.ndarray
+    tasks: list[str]
+    bins: np.ndarray
+    actions: np.ndarray
+    pad: np.ndarray
+    seed: int  # of the torch generator: flow-matching noise, times and image shifts
+    ids: list[str]  # replay entry ids, acknowledged after the next checkpoint
+    items: list  # the replay samples (ReplayItem)
+    offline: int  # offline windows in the batch
+    replay_wait_s: float
 
 
 class Learner:
     def __init__(self, config: LearnerConfig, run_dir: Path, registry, replay, episodes, embodiment,
-                 consumer: str, replay_batch_ms: int = 1000, log=print):
+                 consumer: str, replay_batch_ms: int = 1000, log=print, world: World | None = None):
         import torch
 
         from services.policy.model import load_model
 
         self.config, self.run_dir, self.registry, self.replay = config, Path(run_dir), registry, replay
-        self.embodiment, self.consumer, self.replay_batch_ms, self.log = embodiment, consumer, replay_batch_ms, log
+        self.world = world or World()
+        self.embodiment, self.consumer, self.replay_batch_ms, self.log = (
+            embodiment, self.world.consumer_name(consumer), replay_batch_ms, log)
+        if config.batch_size % self.world.size:
+            raise ValueError(f"learner.batch_size {config.batch_size} is the global batch: it must divide over "
+                             f"{self.world.size} ranks")
+        self.local_batch = config.batch_size // self.world.size
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         checkpoint_path = self.run_dir / CHECKPOINT
-        state = torch.load(checkpoint_path, weights_only=False) if checkpoint_path.exists() else None
-        init_version = state["init_version"] if state else registry.resolve("policy", config.init_policy)
+        meta = distributed.read_meta(self.run_dir) if self.world.distributed else None
+        state = torch.load(checkpoint_path, weights_only=False) if not self.world.distributed and checkpoint_path.exists() else None
+        saved = state or meta
+        init_version = saved["init_version"] if saved else registry.resolve("policy", config.init_policy)
         folder = registry.open("policy", init_version).path
+        self._plain_policy = lambda: load_model(folder)
         self.model = load_model(folder).train()
         # A second load, not deepcopy: the frozen MiniLM text encoder holds a lock that cannot be copied.
         self.ema = load_model(folder).eval().requires_grad_(False)
+        # What a step calls (the loss; DDP / FSDP around it on several ranks) and the EMA's checkpoint root.
+        self.loss_module, self.ema_root = distributed.wrap(self.world, config.distributed, self.model, self.ema)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step, self.samples_used, self.offline_used = 0, 0, 0
         self.init_version, self.published = init_version, [init_version]
@@ -56,11 +91,16 @@ class Learner:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.step, self.samples_used, self.offline_used = state["step"], state["samples_used"], state["offline_used"]
-            self.published = state["published"]
+        elif meta:
+            distributed.load_checkpoint(self.run_dir, self.loss_module, self.ema_root, self.optimizer)
+        if saved:
+            self.step, self.samples_used, self.offline_used = saved["step"], saved["samples_used"], saved["offline_used"]
+            self.published = saved["published"]
             log(f"learner: resumed at step {self.step} ({self.samples_used} replay samples used so far)")
         self.windows, self.offline_labelled = _offline_windows(episodes, embodiment)
+        self.shard = self.world.offline_shard(episodes)  # the frames this rank draws offline samples from
         self.pending_ids: list[str] = []  # used in finished steps, acknowledged at the next checkpoint
+        self._offline_unsaved = 0  # offline windows used since the last checkpoint
         self.metrics: dict[str, float] = {}
         self.bins_seen: list[int] = []
 
@@ -84,82 +124,118 @@ class Learner:
             items += batch.items
         return ids, items
 
-    def train_step(self, stop: threading.Event) -> dict[str, float]:
-        import torch
-
-        from services.policy.train import random_shift
-
-        cfg, model, emb = self.config, self.model, self.embodiment
-        rng = np.random.default_rng([cfg.seed, self.step])
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    def draw(self, stop: threading.Event) -> Batch:
+        """This rank's share of the next step: replay samples (its own consumer) and offline windows (its own shard)."""
+        cfg, emb, views_used = self.config, self.embodiment, self.model.views
+        rng = np.random.default_rng(self.world.seed(cfg.seed, self.step))
+        seed = int(rng.integers(2**62))
         t0 = time.perf_counter()
-        ids, items = self._replay_part(int(rng.binomial(cfg.batch_size, 1.0 - cfg.offline_ratio)), stop)
+        ids, items = self._replay_part(int(rng.binomial(self.local_batch, 1.0 - cfg.offline_ratio)), stop)
         t_replay = time.perf_counter() - t0
-        frames = rng.integers(0, len(self.windows), cfg.batch_size - len(items))
-        views, states, tasks, bins, actions, pad = self.windows.batch(frames, model.views)
+        frames = self.shard[rng.integers(0, len(self.shard), self.local_batch - len(items))]
+        views, states, tasks, bins, actions, pad = self.windows.batch(frames, views_used)
         if not self.offline_labelled:
             bins = np.zeros_like(bins)
         if items:
-            views = {v: np.concatenate([views[v], np.stack([it.views[v] for it in items])]) for v in model.views}
+            views = {v: np.concatenate([views[v], np.stack([it.views[v] for it in items])]) for v in views_used}
             states = np.concatenate([states, np.stack([it.state for it in items])])
             tasks = list(tasks) + [it.task for it in items]
             bins = np.concatenate([bins, [it.advantage_bin for it in items]])
             actions = np.concatenate([actions, np.stack([it.actions for it in items])])
             pad = np.concatenate([pad, np.zeros((len(items), emb.chunk_length), bool)])
-        images = random_shift(model.images_to_input({v: torch.from_numpy(x) for v, x in views.items()}),
-                              cfg.random_shift, generator)
-        loss = model.flow_matching_loss(
-            images, model.state_normalizer.normalize(torch.from_numpy(states.astype(np.float32))), tasks,
-            torch.from_numpy(np.asarray(bins, np.int64)), model.normalizer.normalize(torch.from_numpy(actions.astype(np.float32))),
-            torch.from_numpy(pad), generator=generator)
+        return Batch(views, states, list(tasks), np.asarray(bins, np.int64), actions, pad, seed, ids, items, len(frames),
+                     t_replay)
+
+    def loss(self, batch: Batch):
+        """Advantage-conditioned flow matching on one batch (through DDP / FSDP when there are ranks)."""
+        import torch
+
+        from services.policy.train import random_shift
+
+        model, device = self.model, self.world.device
+        generator = torch.Generator().manual_seed(batch.seed)
+        images = random_shift(model.images_to_input({v: torch.from_numpy(x) for v, x in batch.views.items()}),
+                              self.config.random_shift, generator)
+        return self.loss_module(
+            images.to(device), model.state_normalizer.normalize(torch.from_numpy(batch.states.astype(np.float32))).to(device),
+            batch.tasks, torch.from_numpy(batch.bins).to(device),
+            model.normalizer.normalize(torch.from_numpy(batch.actions.astype(np.float32))).to(device),
+            torch.from_numpy(batch.pad).to(device), generator=generator)
+
+    def apply(self, loss) -> float:
+        """Backward, clip, optimizer step, EMA; -> the gradient norm (gradients already averaged over ranks)."""
+        import torch
+
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), model.parameters()):
-                e.lerp_(p, 1.0 - cfg.ema_decay)
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                distributed.local(e).lerp_(distributed.local(p), 1.0 - self.config.ema_decay)
+        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+    def train_step(self, stop: threading.Event) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batch = self.draw(stop)
+        loss = self.loss(batch)
+        grad_norm = self.apply(loss)
+        items = batch.items
         self.step += 1
-        self.offline_used += len(frames)
-        self.pending_ids.extend(ids)
+        self.offline_used += batch.offline
+        self._offline_unsaved += batch.offline
+        self.pending_ids.extend(batch.ids)
         self.bins_seen = (self.bins_seen + [it.advantage_bin for it in items])[-4096:]
-        self.metrics = {"loss": loss.item(), "grad_norm": float(grad_norm), "replay_fraction": len(items) / cfg.batch_size,
-                        "replay_wait_s": t_replay, "step_s": time.perf_counter() - t0,
+        self.metrics = {"loss": loss.item(), "grad_norm": grad_norm, "replay_fraction": len(items) / self.local_batch,
+                        "replay_wait_s": batch.replay_wait_s, "step_s": time.perf_counter() - t0,
                         "staleness": float(np.mean([version_number(self.version) - version_number(it.policy_version)
                                                     for it in items])) if items else 0.0}
         return self.metrics
 
     # ---- durability -----------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Save, then acknowledge the samples the saved steps used (the order makes it at-least-once)."""
+        """Save, then acknowledge the samples the saved steps used (the order makes it at-least-once).
+
+        Counters are summed over the ranks; each rank acknowledges its own samples, after the commit."""
         import torch
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / f".{CHECKPOINT}.tmp"
-        used = self.samples_used + len(self.pending_ids)
-        torch.save({"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "samples_used": used, "offline_used": self.offline_used,
-                    "init_version": self.init_version, "published": self.published}, tmp)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
+        pending, offline = self.world.sum([len(self.pending_ids), self._offline_unsaved])
+        used, offline_used = self.samples_used + int(pending), self.offline_used - self._offline_unsaved + int(offline)
+        meta = {"step": self.step, "samples_used": used, "offline_used": offline_used,
+                "init_version": self.init_version, "published": self.published}
+        if self.world.distributed:
+            distributed.save_checkpoint(self.world, self.run_dir, self.step, self.loss_module, self.ema_root, self.optimizer,
+                                        {**meta, "world_size": self.world.size, "strategy": self.world.strategy},
+                                        keep=self.config.distributed.keep_checkpoints)
+        else:
+            tmp = self.run_dir / f".{CHECKPOINT}.tmp"
+            torch.save({**meta, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                        "optimizer": self.optimizer.state_dict()}, tmp)
+            os.replace(tmp, self.run_dir / CHECKPOINT)
         if self.pending_ids:
             self.replay.ack(self.pending_ids)
-        self.samples_used, self.pending_ids = used, []
+        self.samples_used, self.offline_used, self.pending_ids, self._offline_unsaved = used, offline_used, [], 0
 
     def publish(self) -> str:
-        """The EMA weights as a new registry version (parent: the previous one); returns its id."""
+        """The EMA weights as a new registry version (parent: the previous one); returns its id.
+        Rank 0 publishes; the other ranks learn the id (the staleness bound counts from it)."""
         from rise.training import publish_trained
         from services.policy.model import KIND
 
-        manifest = publish_trained(self.registry.root, "policy", self.ema.save(self.run_dir / "publish"), kind=KIND,
-                                   embodiment=self.embodiment, config=self.ema.config, parent=self.version, log=self.log,
-                                   metrics={"learner_step": float(self.step), "samples_used": float(self.samples_used)})
-        self.published.append(manifest.version)
-        return manifest.version
+        ema, version = distributed.full_module(self.world, self.ema_root, self._plain_policy), None
+        if self.world.is_main:
+            manifest = publish_trained(self.registry.root, "policy", ema.save(self.run_dir / "publish"), kind=KIND,
+                                       embodiment=self.embodiment, config=ema.config, parent=self.version, log=self.log,
+                                       metrics={"learner_step": float(self.step), "samples_used": float(self.samples_used)})
+            version = manifest.version
+        self.published.append(self.world.broadcast(version))
+        return self.published[-1]
 
     def run(self, stop: threading.Event, on_publish: Callable[[str], None], on_step: Callable[[dict], None]) -> None:
-        """Steps until `config.steps` or `stop`; checkpoints on the way and at the end."""
+        """Steps until `config.steps` or `stop` (on any rank); checkpoints on the way and at the end."""
         cfg = self.config
-        while self.step < cfg.steps and not stop.is_set():
+        while self.step < cfg.steps and not self.world.any(stop.is_set()):
             metrics = self.train_step(stop)
             if self.step % cfg.checkpoint_every == 0:
                 self.checkpoint()

@@ -9,7 +9,9 @@ batched call per service (the services see batches, not a trickle of single requ
     A = clamp(5 * mean(V(imagined) - V(current)), -1, 1), bin = digitize(A)   -> replay stream
 
 A worker chains at most `max_chain` imagined chunks (errors pile up in generated video), then
-restarts from a real frame of the offline data. The robot state is not imagined by the world
+restarts from a real frame of the offline data. `produce` pushes a round to the replay stream:
+the trainer's own rollout loop (run.py) and the fleet's workers (`rise worker rollout`,
+worker.py) both go through it. The robot state is not imagined by the world
 model: a chained step keeps the state of its real start (a known approximation; the policy
 reads the imagined images).
 """
@@ -63,6 +65,22 @@ def dynamics_shape(registry, ref: str, chunk_length: int) -> DynamicsShape:
     return DynamicsShape(int(config.get("history", 1)), max(1, stride), manifest.kind == ORACLE_KIND)
 
 
+def start_states(episodes: EpisodesInMemory, shape: DynamicsShape) -> "StartStates":
+    """Start states over `episodes`; for privileged (oracle) dynamics, with their recorded simulator states."""
+    from rise.data.loading import episode_sim_states
+
+    cache: dict[int, np.ndarray] = {}
+
+    def sim_states(episode: int) -> np.ndarray:  # oracle dynamics restore recorded simulator states
+        if episode not in cache:
+            root = episodes.roots[int(episodes.episode_dataset[episode])]
+            which = episodes.episode_dataset[episode]  # global episode number -> its index in its dataset
+            cache[episode] = episode_sim_states(root, int(np.sum(episodes.episode_dataset[:episode] == which)))
+        return cache[episode]
+
+    return StartStates(episodes, shape, sim_states if shape.needs_sim_state else None)
+
+
 class StartStates:
     """Real starting points drawn from the offline data."""
 
@@ -94,7 +112,9 @@ class Rollouts:
         self.rng = np.random.default_rng([seed, 7])
         self.workers = [starts.draw(self.rng) for _ in range(config.workers)]
         self.rounds = 0
-        self.timing_s: dict[str, float] = {"policy": 0.0, "dynamics": 0.0, "value": 0.0}
+        self.timing_s: dict[str, float] = {"policy": 0.0, "dynamics": 0.0, "value": 0.0, "push": 0.0}
+        self.seconds = 0.0  # in rounds and pushes (not waiting for the rate limiter)
+        self.pushed = 0
         self.advantages: list[float] = []  # recent ones, for the histogram
 
     async def _call(self, what: str, fn):
@@ -102,7 +122,24 @@ class Rollouts:
         return await call_with_retries(fn, attempts=s.retry_attempts, backoff_s=s.retry_backoff_s,
                                        max_backoff_s=s.retry_max_backoff_s, what=what, log=self.log)
 
-    async def round(self, frame_encoding: str = "jpeg", jpeg_quality: int = 90) -> list[bytes]:
+    async def produce(self, replay, frame_encoding: str = "jpeg", jpeg_quality: int = 90, limit: int = 0,
+                      policy_version: str = "") -> int:
+        """One round pushed to the replay stream (at most `limit` samples when > 0); -> samples pushed."""
+        import asyncio
+
+        t0 = time.perf_counter()
+        payloads = await self.round(frame_encoding, jpeg_quality, policy_version)
+        if limit:
+            payloads = payloads[:limit]
+        t1 = time.perf_counter()
+        await asyncio.to_thread(replay.push, payloads)
+        self.timing_s["push"] += time.perf_counter() - t1
+        self.seconds += time.perf_counter() - t0
+        self.pushed += len(payloads)
+        return len(payloads)
+
+    async def round(self, frame_encoding: str = "jpeg", jpeg_quality: int = 90, policy_version: str = "") -> list[bytes]:
+        """Every worker one chunk forward; `policy_version` (else the config's alias) acts."""
         cfg, workers = self.config, self.workers
         self.rounds += 1
         seed = int(np.random.default_rng([self.rounds, 11]).integers(1, 2**62))
@@ -115,7 +152,7 @@ class Rollouts:
         t0 = time.perf_counter()
         chunks = await self._call("policy.act", lambda: self.policy.act(
             current, states, tasks, [cfg.advantage_bin] * len(workers), cfg.policy_steps, seed,
-            version=cfg.policy_version, timeout_s=timeout))
+            version=policy_version or cfg.policy_version, timeout_s=timeout))
         t1 = time.perf_counter()
         history = {v: np.stack([w.history[v] for w in workers]) for v in views}
         sim_states = [w.sim_state for w in workers] if self.starts.shape.needs_sim_state else None

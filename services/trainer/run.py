@@ -6,6 +6,10 @@
 
 Everything a run writes lives in `<out>/<run_id>/`: the learner checkpoint, `metrics.jsonl`,
 TensorBoard events, `gate.json`, `status.json`. Starting a run id that exists resumes it.
+
+Scaled out: under torchrun this is rank 0 (its learner one of N, see distributed.py) and the
+other ranks run `learn_on_rank`; rollout workers elsewhere (`rise worker rollout`, worker.py)
+push to the same stream. Policy replicas: every replica is told of a new candidate, one by one.
 """
 
 from __future__ import annotations
@@ -35,9 +39,38 @@ class Status:
     updated_unix_ms: int = 0
 
 
+def replay_key(config: RunConfig, run_id: str) -> str:
+    """The run's Redis stream (its counters: `<key>:counters`)."""
+    return f"{config.replay.stream}:{run_id}"
+
+
+def make_learner(config: RunConfig, run_id: str, registry, episodes, embodiment, world=None, log=print):
+    """The run's learner (on this rank) with its replay queue: the same on rank 0 and on the others."""
+    from services.trainer.learner import Learner
+    from services.trainer.replay import ReplayQueue
+
+    replay = ReplayQueue(config.replay, replay_key(config, run_id))
+    replay.ensure_group()
+    return Learner(config.learner, Path(config.out) / run_id, registry, replay, episodes, embodiment,
+                   f"learner-{run_id}", log=log, world=world)
+
+
+def learn_on_rank(config: RunConfig, run_id: str, world, stop: threading.Event, log=print) -> int:
+    """A learner rank other than 0: train its share until the run's last step or a stop (from any rank)."""
+    from rise.data.loading import load_episodes_in_memory
+    from rise.embodiment import load_embodiment
+    from rise.registry import Registry
+
+    embodiment = load_embodiment(config.embodiment)
+    episodes = load_episodes_in_memory(config.data, embodiment)
+    learner = make_learner(config, run_id, Registry(config.registry_root), episodes, embodiment, world, log)
+    learner.run(stop, on_publish=lambda version: None, on_step=lambda metrics: None)
+    return learner.step
+
+
 class TrainerRun:
-    def __init__(self, config: RunConfig, run_id: str, log=print):
-        self.config, self.run_id, self.log = config, run_id, log
+    def __init__(self, config: RunConfig, run_id: str, log=print, world=None):
+        self.config, self.run_id, self.log, self.world = config, run_id, log, world
         self.run_dir = Path(config.out) / run_id
         self.status = Status(run_id, started_unix_ms=int(time.time() * 1000))
         self._stop = threading.Event()  # seen by the learner thread and the rollout loop
@@ -45,6 +78,7 @@ class TrainerRun:
         self._watchers: list[asyncio.Queue] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate_lock = asyncio.Lock()
+        self._fleet: dict[str, float] = {}  # rollout worker id -> when it last asked for the plan (monotonic s)
 
     # ---- status -------------------------------------------------------------------------------
     def snapshot(self) -> Status:
@@ -71,6 +105,15 @@ class TrainerRun:
 
     def _from_thread(self, fn, *args) -> None:
         self._loop.call_soon_threadsafe(fn, *args)
+
+    def worker_seen(self, worker_id: str) -> None:
+        """A fleet rollout worker asked for the plan (server.py's GetRolloutPlan)."""
+        self._fleet[worker_id or "?"] = time.monotonic()
+
+    def fleet_workers(self, window_s: float = 30.0) -> int:
+        """Fleet workers heard from in the last `window_s` seconds."""
+        now = time.monotonic()
+        return sum(now - seen <= window_s for seen in list(self._fleet.values()))
 
     def stop(self) -> None:
         """Ask the run to stop after the learner's current step (it checkpoints first)."""
@@ -108,15 +151,13 @@ class TrainerRun:
     async def _run(self) -> list:
         from torch.utils.tensorboard import SummaryWriter
 
-        from rise.data.loading import episode_sim_states, load_episodes_in_memory
+        from rise.data.loading import load_episodes_in_memory
         from rise.embodiment import load_embodiment
         from rise.registry import Registry
         from rise.sim.metaworld_sim import task_names
-        from rise.transport import connect_admin
+        from rise.transport import parse_url
         from services.trainer.gate import Gate
-        from services.trainer.learner import Learner
-        from services.trainer.replay import ReplayQueue
-        from services.trainer.rollout import Rollouts, StartStates, dynamics_shape, open_clients
+        from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
 
         cfg = self.config
         if not cfg.data:
@@ -125,53 +166,40 @@ class TrainerRun:
         registry = Registry(cfg.registry_root)
         episodes = await asyncio.to_thread(load_episodes_in_memory, cfg.data, embodiment)
         shape = dynamics_shape(registry, cfg.rollout.dynamics_version, embodiment.chunk_length)
-        sim_cache: dict[int, np.ndarray] = {}
-
-        def sim_states(episode: int) -> np.ndarray:  # oracle dynamics restore recorded simulator states
-            if episode not in sim_cache:
-                root = episodes.roots[int(episodes.episode_dataset[episode])]
-                sim_cache[episode] = episode_sim_states(root, _local_episode(episodes, episode))
-            return sim_cache[episode]
-
-        replay = ReplayQueue(cfg.replay, f"{cfg.replay.stream}:{self.run_id}")
-        await asyncio.to_thread(replay.ensure_group)
-        learner = await asyncio.to_thread(Learner, cfg.learner, self.run_dir, registry, replay, episodes, embodiment,
-                                          f"learner-{self.run_id}", log=self.log)
+        learner = await asyncio.to_thread(make_learner, cfg, self.run_id, registry, episodes, embodiment, self.world, self.log)
+        replay = learner.replay
         policy, dynamics, value = await open_clients(cfg.services)
-        admin = connect_admin(cfg.services.policy_admin or cfg.services.policy)
-        clients = [policy, dynamics, value, admin]
-        await self._make_candidate(registry, admin, learner.version)
+        clients = [policy, dynamics, value]
+        await self._make_candidate(registry, learner.version)
         self.status.policy_version = learner.version
         self.status.learner_step = learner.step
 
         task = cfg.gate.task or episodes.tasks[0]
         gate_task = _sim_task(task, task_names())
-        gate = Gate(cfg.gate, self.run_dir, (cfg.services.policy_admin or cfg.services.policy).split("://")[-1],
+        gate = Gate(cfg.gate, self.run_dir, parse_url(cfg.services.policy_admin or cfg.services.policy).address,
                     gate_task, cfg.embodiment, log=self.log) if cfg.gate.every_versions else None
         if gate is not None and cfg.gate.evaluate_initial and gate.evaluated(learner.init_version) is None:
             async with self._gate_lock:
                 entry = await asyncio.to_thread(gate.evaluate, learner.init_version, "initial", learner.step)
             if not registry.aliases("policy").get("stable"):
-                await self._promote(registry, admin, learner.init_version)
+                await self._promote(registry, learner.init_version)
             gate.decide(entry, None)
 
         writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         prometheus = _Prometheus(cfg.metrics_port, self.run_id) if cfg.metrics_port is not None else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        starts = StartStates(episodes, shape, sim_states if shape.needs_sim_state else None)
-        rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), starts, self.run_id,
+        rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), start_states(episodes, shape), self.run_id,
                             seed=cfg.learner.seed + learner.step, log=self.log)
         self.status.imagined_samples = int((await asyncio.to_thread(replay.stats))["inserted"])
-        timing = {"rollout_s": 0.0, "push_s": 0.0}
         gates: list[asyncio.Task] = []
 
         async def after_publish(version: str) -> None:
-            await self._make_candidate(registry, admin, version)
+            await self._make_candidate(registry, version)
             self.status.policy_version = version
             self._changed()
             number = len(learner.published) - 1
             if gate is not None and number % cfg.gate.every_versions == 0:
-                gates.append(asyncio.create_task(self._gate(gate, registry, admin, version, learner.step)))
+                gates.append(asyncio.create_task(self._gate(gate, registry, version, learner.step)))
 
         def on_publish(version: str) -> None:  # learner thread: wait until the service serves it
             asyncio.run_coroutine_threadsafe(after_publish(version), self._loop).result()
@@ -181,8 +209,10 @@ class TrainerRun:
             row = {"step": learner.step, "unix_ms": int(time.time() * 1000), **metrics,
                    **{f"replay_{k}": float(v) for k, v in stats.items()},
                    "imagined_samples": self.status.imagined_samples,
-                   "imagined_per_s": self.status.imagined_samples / max(1e-9, timing["rollout_s"]),
-                   "push_share": timing["push_s"] / max(1e-9, timing["rollout_s"]),
+                   # this process's rollouts (fleet workers add to replay_inserted, not to these)
+                   "imagined_per_s": rollouts.pushed / max(1e-9, rollouts.seconds),
+                   "push_share": rollouts.timing_s["push"] / max(1e-9, rollouts.seconds),
+                   "fleet_workers": float(self.fleet_workers()),
                    **{f"time_{k}_s": v for k, v in rollouts.timing_s.items()}}
             for key, value in row.items():
                 if key not in ("step", "unix_ms"):
@@ -196,6 +226,8 @@ class TrainerRun:
 
             def update() -> None:
                 self.status.learner_step = learner.step
+                # every sample in the run's stream: this process's rollouts and the fleet's workers
+                self.status.imagined_samples = max(self.status.imagined_samples, int(stats["inserted"]))
                 self.status.metrics = {k: float(v) for k, v in row.items() if k not in ("step", "unix_ms")}
                 self._changed()
             self._from_thread(update)
@@ -207,15 +239,9 @@ class TrainerRun:
                     return
                 if not await asyncio.to_thread(replay.wait_inserter, cfg.rollout.workers, timeout_s=1.0, stop=self._stop.is_set):
                     continue
-                t0 = time.perf_counter()
-                payloads = await rollouts.round(cfg.replay.frame_encoding, cfg.replay.jpeg_quality)
-                if limit:
-                    payloads = payloads[:limit - self.status.imagined_samples]
-                t1 = time.perf_counter()
-                await asyncio.to_thread(replay.push, payloads)
-                timing["rollout_s"] += time.perf_counter() - t0
-                timing["push_s"] += time.perf_counter() - t1
-                self.status.imagined_samples += len(payloads)
+                self.status.imagined_samples += await rollouts.produce(
+                    replay, cfg.replay.frame_encoding, cfg.replay.jpeg_quality,
+                    limit=limit - self.status.imagined_samples if limit else 0)
                 (self.run_dir / "advantages.json").write_text(json.dumps(rollouts.advantages[-2048:]))
 
         learner_done = asyncio.ensure_future(asyncio.to_thread(learner.run, self._stop, on_publish, on_step))
@@ -229,7 +255,7 @@ class TrainerRun:
             await roller
             if gate is not None and learner.version != learner.init_version and gate.evaluated(learner.version) is None \
                     and not self._stop_requested:
-                gates.append(asyncio.create_task(self._gate(gate, registry, admin, learner.version, learner.step)))
+                gates.append(asyncio.create_task(self._gate(gate, registry, learner.version, learner.step)))
             await asyncio.gather(*gates)
         finally:
             self._stop.set()
@@ -242,25 +268,29 @@ class TrainerRun:
         return clients
 
     # ---- versions ---------------------------------------------------------------------------------
-    async def _make_candidate(self, registry, admin, version: str) -> None:
-        """Registry alias (for services that restart) and the live service (no restart needed)."""
+    async def _make_candidate(self, registry, version: str) -> None:
+        """Registry alias first (a replica starting now preloads it), then every live replica (no restart needed)."""
         registry.set_alias("policy", "candidate", version)
-        await self._admin(lambda: admin.load(version))
-        await self._admin(lambda: admin.set_alias("candidate", version))
+        await self._set_alias("candidate", version)
 
-    async def _promote(self, registry, admin, version: str) -> None:
+    async def _promote(self, registry, version: str) -> None:
         registry.set_alias("policy", "stable", version)
-        await self._admin(lambda: admin.set_alias("stable", version))
+        await self._set_alias("stable", version)
         self.log(f"gate: policy/{version} is now stable")
 
-    async def _admin(self, call):
-        from rise.transport import call_with_retries
+    async def _set_alias(self, alias: str, version: str) -> None:
+        """SetAlias (loading the version) on each policy replica the URL names now (re-resolved every
+        time: replicas come and go). A side effect, so never re-sent blindly after a failure
+        (`ensure_alias` reads the routing back first)."""
+        from rise.transport import connect_admins, ensure_alias
 
         s = self.config.services
-        return await call_with_retries(call, attempts=s.retry_attempts, backoff_s=s.retry_backoff_s,
-                                       max_backoff_s=s.retry_max_backoff_s, what="policy admin", log=self.log)
+        for admin in connect_admins(s.policy_admin or s.policy):
+            async with admin:
+                await ensure_alias(admin, alias, version, attempts=s.retry_attempts, backoff_s=s.retry_backoff_s,
+                                   max_backoff_s=s.retry_max_backoff_s, log=self.log)
 
-    async def _gate(self, gate, registry, admin, version: str, step: int) -> None:
+    async def _gate(self, gate, registry, version: str, step: int) -> None:
         async with self._gate_lock:
             stable_version = registry.aliases("policy").get("stable", "")
             entry = await asyncio.to_thread(gate.evaluate, version, "candidate", step)
@@ -268,7 +298,7 @@ class TrainerRun:
             if stable_version and stable is None:
                 stable = await asyncio.to_thread(gate.evaluate, stable_version, "stable", step)
             if gate.decide(entry, stable):
-                await self._promote(registry, admin, version)
+                await self._promote(registry, version)
             self.status.metrics["gate_success_rate"] = entry["success_rate"]
             self._changed()
 
@@ -296,12 +326,6 @@ class _Prometheus:
 
     def close(self) -> None:
         self.server.shutdown()
-
-
-def _local_episode(episodes, episode: int) -> int:
-    """Global episode number -> its index within its own dataset."""
-    which = episodes.episode_dataset[episode]
-    return int(np.sum(episodes.episode_dataset[:episode] == which))
 
 
 def _sim_task(text: str, names: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+import zlib
 from pathlib import Path
 
 import yaml
@@ -71,6 +72,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.config = config
         self.runs: dict[str, TrainerRun] = {}
         self.tasks: dict[str, asyncio.Task] = {}
+        self._plans = 0  # rollout plans handed out (varies their seeds)
 
     def _run(self, run_id: str) -> TrainerRun:
         if run_id not in self.runs:
@@ -110,6 +112,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         queue = self._run(request.run_id).watch()
         while (status := await queue.get()) is not None:
             yield to_proto(status)
+
+    async def GetRolloutPlan(self, request, context):
+        from services.trainer.run import replay_key
+
+        run = self._run(request.run_id)
+        run.worker_seen(request.worker_id)
+        status = run.snapshot()
+        self._plans += 1
+        return trainer_pb2.RolloutPlan(run=to_proto(status, run.config), replay_stream=replay_key(run.config, run.run_id),
+                                       candidate_version=status.policy_version,
+                                       seed=zlib.crc32(f"{run.run_id}/{request.worker_id}/{self._plans}".encode()))
 
 
 async def start(config: TrainerConfig) -> RunningServer:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rise/v1/trainer.proto\x12\x07rise.v1\"\xa4\x01\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12:\n\toverrides\x18\x03 \x03(\x0b\x32\'.rise.v1.StartRunRequest.OverridesEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xbf\x02\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.rise.v1.RunState\x12\x14\n\x0clearner_step\x18\x03 \x01(\x03\x12\x18\n\x10imagined_samples\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.rise.v1.RunStatus.MetricsEntry\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12\x13\n\x0b\x63onfig_yaml\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xb1\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x16\n\x12RUN_STATE_STOPPING\x10\x03\x12\x15\n\x11RUN_STATE_STOPPED\x10\x04\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x05\x12\x14\n\x10RUN_STATE_FAILED\x10\x06\x32\xf4\x01\n\x0eTrainerService\x12\x38\n\x08StartRun\x12\x18.rise.v1.StartRunRequest\x1a\x12.rise.v1.RunStatus\x12\x34\n\x06GetRun\x12\x16.rise.v1.GetRunRequest\x1a\x12.rise.v1.RunStatus\x12\x36\n\x07StopRun\x12\x17.rise.v1.StopRunRequest\x1a\x12.rise.v1.RunStatus\x12:\n\x08WatchRun\x12\x18.rise.v1.WatchRunRequest\x1a\x12.rise.v1.RunStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rise/v1/trainer.proto\x12\x07rise.v1\"\xa4\x01\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12:\n\toverrides\x18\x03 \x03(\x0b\x32\'.rise.v1.StartRunRequest.OverridesEntry\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xbf\x02\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.rise.v1.RunState\x12\x14\n\x0clearner_step\x18\x03 \x01(\x03\x12\x18\n\x10imagined_samples\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.rise.v1.RunStatus.MetricsEntry\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12\x13\n\x0b\x63onfig_yaml\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x15GetRolloutPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"n\n\x0bRolloutPlan\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.rise.v1.RunStatus\x12\x15\n\rreplay_stream\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04*\xb1\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x16\n\x12RUN_STATE_STOPPING\x10\x03\x12\x15\n\x11RUN_STATE_STOPPED\x10\x04\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x05\x12\x14\n\x10RUN_STATE_FAILED\x10\x06\x32\xbc\x02\n\x0eTrainerService\x12\x38\n\x08StartRun\x12\x18.rise.v1.StartRunRequest\x1a\x12.rise.v1.RunStatus\x12\x34\n\x06GetRun\x12\x16.rise.v1.GetRunRequest\x1a\x12.rise.v1.RunStatus\x12\x36\n\x07StopRun\x12\x17.rise.v1.StopRunRequest\x1a\x12.rise.v1.RunStatus\x12:\n\x08WatchRun\x12\x18.rise.v1.WatchRunRequest\x1a\x12.rise.v1.RunStatus0\x01\x12\x46\n\x0eGetRolloutPlan\x12\x1e.rise.v1.GetRolloutPlanRequest\x1a\x14.rise.v1.RolloutPlanb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTRUNREQUEST_OVERRIDESENTRY']._serialized_options = b'8\001'
   _globals['_RUNSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_RUNSTATUS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=626
-  _globals['_RUNSTATE']._serialized_end=803
+  _globals['_RUNSTATE']._serialized_start=798
+  _globals['_RUNSTATE']._serialized_end=975
   _globals['_STARTRUNREQUEST']._serialized_start=35
   _globals['_STARTRUNREQUEST']._serialized_end=199
   _globals['_STARTRUNREQUEST_OVERRIDESENTRY']._serialized_start=151
@@ -52,6 +52,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSTATUS']._serialized_end=623
   _globals['_RUNSTATUS_METRICSENTRY']._serialized_start=577
   _globals['_RUNSTATUS_METRICSENTRY']._serialized_end=623
-  _globals['_TRAINERSERVICE']._serialized_start=806
-  _globals['_TRAINERSERVICE']._serialized_end=1050
+  _globals['_GETROLLOUTPLANREQUEST']._serialized_start=625
+  _globals['_GETROLLOUTPLANREQUEST']._serialized_end=683
+  _globals['_ROLLOUTPLAN']._serialized_start=685
+  _globals['_ROLLOUTPLAN']._serialized_end=795
+  _globals['_TRAINERSERVICE']._serialized_start=978
+  _globals['_TRAINERSERVICE']._serialized_end=1294
 # @@protoc_insertion_point(module_scope)

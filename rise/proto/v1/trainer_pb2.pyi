@@ -90,3 +90,23 @@ class RunStatus(_message.Message):
     updated_unix_ms: int
     config_yaml: str
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., learner_step: _Optional[int] = ..., imagined_samples: _Optional[int] = ..., policy_version: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., config_yaml: _Optional[str] = ...) -> None: ...
+
+class GetRolloutPlanRequest(_message.Message):
+    __slots__ = ("run_id", "worker_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    worker_id: str
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class RolloutPlan(_message.Message):
+    __slots__ = ("run", "replay_stream", "candidate_version", "seed")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_STREAM_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    run: RunStatus
+    replay_stream: str
+    candidate_version: str
+    seed: int
+    def __init__(self, run: _Optional[_Union[RunStatus, _Mapping]] = ..., replay_stream: _Optional[str] = ..., candidate_version: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...

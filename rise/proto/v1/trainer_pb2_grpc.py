@@ -56,6 +56,11 @@ class TrainerServiceStub:
                 request_serializer=rise_dot_v1_dot_trainer__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=rise_dot_v1_dot_trainer__pb2.RunStatus.FromString,
                 _registered_method=True)
+        self.GetRolloutPlan = channel.unary_unary(
+                '/rise.v1.TrainerService/GetRolloutPlan',
+                request_serializer=rise_dot_v1_dot_trainer__pb2.GetRolloutPlanRequest.SerializeToString,
+                response_deserializer=rise_dot_v1_dot_trainer__pb2.RolloutPlan.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -89,6 +94,15 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRolloutPlan(self, request, context):
+        """What a rollout worker of the fleet (`rise worker rollout`) needs to join a run: the run's
+        config, its replay stream and the candidate policy version. Workers call it every round (a
+        cheap read: the run's state tells them when to stop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=rise_dot_v1_dot_trainer__pb2.WatchRunRequest.FromString,
                     response_serializer=rise_dot_v1_dot_trainer__pb2.RunStatus.SerializeToString,
+            ),
+            'GetRolloutPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRolloutPlan,
+                    request_deserializer=rise_dot_v1_dot_trainer__pb2.GetRolloutPlanRequest.FromString,
+                    response_serializer=rise_dot_v1_dot_trainer__pb2.RolloutPlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class TrainerService:
             '/rise.v1.TrainerService/WatchRun',
             rise_dot_v1_dot_trainer__pb2.WatchRunRequest.SerializeToString,
             rise_dot_v1_dot_trainer__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRolloutPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rise.v1.TrainerService/GetRolloutPlan',
+            rise_dot_v1_dot_trainer__pb2.GetRolloutPlanRequest.SerializeToString,
+            rise_dot_v1_dot_trainer__pb2.RolloutPlan.FromString,
             options,
             channel_credentials,
             insecure,
