@@ -25,6 +25,7 @@ help:
 	@echo "make protos        regenerate rise/proto/v1 from protos/  (protos-check: verify they are fresh)"
 	@echo "make lock          regenerate requirements.lock with uv $(UV_VERSION)"
 	@echo "make bench         gRPC overhead benchmark"
+	@echo "make deploy-check  lint/validate docker/, docker-compose*.yml, k8s/ offline (part of make test)"
 	@echo "make clean         remove caches and build output (distclean also removes $(VENV))"
 
 # --- environment -------------------------------------------------------------------------
@@ -134,6 +135,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/grpc_overhead.py
+
+# Offline checks of docker/, docker-compose*.yml and k8s/ (hadolint, docker-compose config,
+# kubectl kustomize | kubernetes-validate); they also run in `make test`. Image build + compose
+# stack on this machine: scripts/compose_smoke.sh (not in CI: 20-40 min).
+.PHONY: deploy-check
+deploy-check: $(STAMP)
+	$(PY) -m pytest tests/test_deploy.py $(PYTEST_ARGS)
 
 # --- housekeeping -------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ data_app = typer.Typer(help="Robot datasets (LeRobot v3): collect, convert, stat
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(help="Train a model from LeRobot datasets and publish it to the registry.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+worker_app = typer.Typer(help="Stateless workers that join a running trainer (scale them out freely).", no_args_is_help=True)
+app.add_typer(worker_app, name="worker")
 console = Console(stderr=True)
 
 STORE = typer.Option(Path("model_store"), "--store", envvar="RISE_REGISTRY_ROOT", help="Model registry root.")
@@ -47,6 +49,42 @@ def serve(
         await serve_until_signal(running)
 
     asyncio.run(main())
+
+
+@app.command()
+def health(
+    address: str = typer.Argument(..., help="host:port of a server (any gRPC target)."),
+    service: str = typer.Option("", help="Service to ask about, e.g. rise.v1.PolicyService; '' = the whole server."),
+    timeout: float = typer.Option(5.0, min=0.1, help="Seconds to wait for the answer."),
+    tls_ca: Optional[Path] = typer.Option(None, envvar="HEALTH_TLS_CA", help="CA bundle of a TLS server."),
+    tls_cert: Optional[Path] = typer.Option(None, envvar="HEALTH_TLS_CERT", help="Client certificate (mutual TLS)."),
+    tls_key: Optional[Path] = typer.Option(None, envvar="HEALTH_TLS_KEY", help="Client key (mutual TLS)."),
+    tls_server_name: Optional[str] = typer.Option(None, envvar="HEALTH_TLS_SERVER_NAME",
+                                                  help="Name in the server certificate, if not the address host."),
+) -> None:
+    """Ask a server's gRPC health service (grpc.health.v1): exit 0 when SERVING, 1 otherwise (container probes)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rise.serving import ClientConfig, open_channel
+
+    config = ClientConfig(address=address, tls_ca_file=tls_ca, tls_cert_file=tls_cert, tls_key_file=tls_key,
+                          tls_server_name=tls_server_name)
+
+    async def check() -> str:
+        async with open_channel(config) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                    timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    try:
+        status = asyncio.run(check())
+    except Exception as exc:  # an unreachable server or an unknown service: unhealthy, with the reason
+        code = exc.code().name if hasattr(exc, "code") and callable(exc.code) else type(exc).__name__
+        details = exc.details() if hasattr(exc, "details") and callable(exc.details) else str(exc)
+        typer.echo(f"{address}{' ' + service if service else ''}: {code}: {details}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{address}{' ' + service if service else ''}: {status}")
+    raise typer.Exit(0 if status == "SERVING" else 1)
 
 
 @models_app.command("list")
@@ -189,7 +227,8 @@ def _register_commands() -> None:
                            ("rise.sim.evaluate", app), ("rise.triton_binding", app),
                            ("services.dynamics.evaluate", app), ("services.dynamics.train", train_app),
                            ("services.value.train", train_app), ("services.value.label", app),
-                           ("services.policy.train", train_app), ("services.trainer.cli", train_app)):
+                           ("services.policy.train", train_app), ("services.trainer.cli", train_app),
+                           ("services.trainer.worker", worker_app)):
         importlib.import_module(module).register(target)
 
 

