@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import EMB, observation
-from rise.proto.v1 import common_pb2, model_admin_pb2, model_admin_pb2_grpc, policy_pb2, policy_pb2_grpc, tensor_pb2
+from rise.proto.v1 import common_pb2, model_admin_pb2, model_admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from rise.serving import REQUESTS, ClientConfig, ServerConfig, TLSConfig, open_channel
 from rise.tensors import from_tensor, to_tensor
 from services.policy.server import PolicyConfig, start

@@ -130,7 +130,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer) -> None:
 
 def evaluate(model, windows: Windows, frames: np.ndarray, num_steps: int, seed: int, device) -> dict[str, float]:
     """Sampled (null bin and, where labelled, each window's own bin) vs recorded chunks: MSE in action units."""
-    import torch
 
     from services.policy.model import FlowMatchingPolicy
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rise.errors import InvalidArgument
 from rise.model_host import LoadedModel
 from rise.triton_binding import BYTES, TensorSpec, TritonAdapter, TritonRequest, TritonSettings, decode_strings
+
+if TYPE_CHECKING:  # annotations only
+    from rise.batching import BatchingConfig
+    from rise.embodiment import Embodiment
 
 
 class PolicyTriton(TritonAdapter):
