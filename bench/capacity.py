@@ -19,8 +19,11 @@ Where the rates come from:
   `bench/scale_out.py` (this script only reads).
 - `paper` tier (the reference sizes, RISE_REFERENCE.md) on H100s: NOT measured here (no GPU on
   this machine; bench/dynamics_paper.py has not run). The rates are assumptions, printed with the
-  plan and each settable by a flag: dynamics 2.3 s per 25-frame multi-view chunk on one H100
-  (GE-Sim's reported figure, batch 1, no batching gain assumed), policy 10 chunks/s per H100
+  plan and each settable by a flag: dynamics 0.354 s per imagined chunk on one H100 (plain
+  diffusers LTX modules at paper size, bf16, eager, batch 16 chunks, 25 steps: the reference
+  timing quoted in the dynamics issue; the service batches concurrent requests, so the batched
+  rate is the one a replica sustains; at batch 1 it was 1.52 s, and GE-Sim reports 2.3 s per
+  25-frame rollout), policy 10 chunks/s per H100
   (pi0.5-class, 10 Euler steps), value 200 frames/s per H100 (pi0.5 backbone + head), learner 16
   samples/s per H100 (pi0.5-class update); scaling efficiency 0.9.
 """
@@ -107,7 +110,7 @@ def main() -> int:
     parser.add_argument("--efficiency", type=float, default=0.9, help="scaling efficiency of N replicas (0-1]")
     parser.add_argument("--throughput", type=Path, default=ROOT / "bench" / "trainer_throughput.json")
     parser.add_argument("--scale", type=Path, default=ROOT / "bench" / "scale_out.json")
-    parser.add_argument("--paper-dynamics-s-per-chunk", type=float, default=2.3)
+    parser.add_argument("--paper-dynamics-s-per-chunk", type=float, default=0.354)
     parser.add_argument("--paper-policy-chunks-per-s", type=float, default=10.0)
     parser.add_argument("--paper-value-frames-per-s", type=float, default=200.0)
     parser.add_argument("--paper-learner-samples-per-s", type=float, default=16.0)
