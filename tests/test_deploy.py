@@ -8,6 +8,7 @@ a real server. A missing tool FAILS these tests: .ci/run installs every one of t
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -146,30 +147,108 @@ def test_compose_model_version_is_one_variable_per_service():
 
 
 # ---- kubernetes ----------------------------------------------------------------------------------
+# kubernetes-validate knows the built-in kinds only: a PyTorchJob (Kubeflow training operator CRD)
+# is checked against k8s/schemas/pytorchjob-v1.json, and its pod templates, wrapped as v1
+# PodTemplates, against the Kubernetes schemas like every other object.
+CRD_SCHEMAS = {("kubeflow.org/v1", "PyTorchJob"): ROOT / "k8s" / "schemas" / "pytorchjob-v1.json"}
+SCALE_OUT = ("overlays/learner-indexed", "overlays/learner-pytorchjob", "overlays/one-node-8gpu", "overlays/multi-node")
+HEADLESS_PORTS = {"policy": 50051, "value": 50052, "dynamics": 50053}
+
+
 def _render(folder: Path) -> list[dict]:
     text = run(tool("kubectl"), "kustomize", str(folder)).stdout
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_kustomize_output_validates_against_kubernetes_schemas(overlay, tmp_path):
-    text = run(tool("kubectl"), "kustomize", str(ROOT / "k8s" / overlay)).stdout
+@functools.lru_cache(maxsize=None)
+def _rendered(overlay: str) -> tuple[dict, ...]:
+    """A folder of this repository's k8s/, rendered once per session (read-only: copy before editing)."""
+    return tuple(_render(ROOT / "k8s" / overlay))
+
+
+def _crd_validator(doc: dict):
+    import json
+
+    import jsonschema
+
+    schema = json.loads(CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])].read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _crd_errors(doc: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _crd_validator(doc).iter_errors(doc)]
+
+
+def _pod_templates_of(doc: dict) -> list[dict]:
+    """A PyTorchJob's pod templates as v1 PodTemplates, for kubernetes-validate."""
+    return [{"apiVersion": "v1", "kind": "PodTemplate",
+             "metadata": {"name": f"{doc['metadata']['name']}-{rtype.lower()}", "namespace": doc["metadata"].get("namespace", "")},
+             "template": spec["template"]} for rtype, spec in doc["spec"]["pytorchReplicaSpecs"].items()]
+
+
+def _validate(docs: list[dict], tmp_path: Path) -> None:
+    """Built-in kinds with kubernetes-validate --strict; CRDs with their JSON schema (+ their pod templates)."""
+    plain = []
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            errors = _crd_errors(doc)
+            assert not errors, f"{doc['kind']} {doc['metadata']['name']}: {errors}"
+            plain += _pod_templates_of(doc)
+        else:
+            plain.append(doc)
     rendered = tmp_path / "rendered.yaml"
-    rendered.write_text(text)
+    rendered.write_text(yaml.safe_dump_all(plain, sort_keys=False))
     run(tool("kubernetes-validate"), "--strict", "--quiet", str(rendered))
-    docs = [d for d in yaml.safe_load_all(text) if d]
+
+
+def _by_kind(docs: list[dict]) -> dict[str, dict[str, dict]]:
     by_kind: dict[str, dict[str, dict]] = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    return by_kind
+
+
+def _learner_pod(by_kind: dict) -> dict:
+    """The learner's pod template: the `trainer-run` Job's (plain or Indexed) or the PyTorchJob's Worker."""
+    if "trainer-run" in by_kind.get("Job", {}):
+        assert "PyTorchJob" not in by_kind, "two learners"
+        return by_kind["Job"]["trainer-run"]["spec"]["template"]
+    return by_kind["PyTorchJob"]["trainer-run"]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+
+
+def _pods(by_kind: dict):
+    """(kind, name, pod template) of every workload."""
+    for kind in ("Deployment", "StatefulSet", "Job"):
+        for name, doc in by_kind.get(kind, {}).items():
+            yield kind, name, doc["spec"]["template"]
+    for name, doc in by_kind.get("PyTorchJob", {}).items():
+        for rtype, spec in doc["spec"]["pytorchReplicaSpecs"].items():
+            yield "PyTorchJob", f"{name}/{rtype}", spec["template"]
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _gpus(container: dict) -> int:
+    return int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_output_validates_against_kubernetes_schemas(overlay, tmp_path):
+    docs = list(_rendered(overlay))
+    _validate(docs, tmp_path)
+    by_kind = _by_kind(docs)
     assert set(MODEL_SERVICES) <= by_kind["Deployment"].keys() and set(MODEL_SERVICES) | {"redis"} <= by_kind["Service"].keys()
-    assert "redis" in by_kind["StatefulSet"] and "trainer-run" in by_kind["Job"]
+    assert "redis" in by_kind["StatefulSet"]
     assert {"model-store"} <= by_kind["PersistentVolumeClaim"].keys()
     assert {"rise-tls", "rise-tokens"} <= by_kind["Secret"].keys()
     for secret in by_kind["Secret"].values():  # templates only: no secret material in the repository
         assert not any(secret.get("stringData", {}).values()) and not secret.get("data")
     assert set(by_kind["PodDisruptionBudget"]) == set(MODEL_SERVICES)
     assert {h["spec"]["scaleTargetRef"]["name"] for h in by_kind["HorizontalPodAutoscaler"].values()} == {"dynamics", "value"}
-    gpu = overlay.endswith("gpu")
+    gpu = overlay != "base"  # every overlay builds on overlays/gpu
     for name in MODEL_SERVICES:
         pod = by_kind["Deployment"][name]["spec"]["template"]
         container = pod["spec"]["containers"][0]
@@ -181,7 +260,11 @@ def test_kustomize_output_validates_against_kubernetes_schemas(overlay, tmp_path
         assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "model-store" for v in pod["spec"]["volumes"])
         assert ("nvidia.com/gpu" in container["resources"]["limits"]) == gpu, name
         assert ("nodeSelector" in pod["spec"] and "tolerations" in pod["spec"]) == gpu, name
-    trainer = by_kind["Job"]["trainer-run"]["spec"]["template"]
+        # the headless twin: every ready replica's address, for the clients' round robin
+        headless = by_kind["Service"][f"{name}-headless"]["spec"]
+        assert headless["clusterIP"] == "None" and headless["selector"] == by_kind["Service"][name]["spec"]["selector"]
+        assert [p["port"] for p in headless["ports"]] == [HEADLESS_PORTS[name]] == [port]
+    trainer = _learner_pod(by_kind)
     assert trainer["metadata"]["labels"]["rise.io/model-client"] == "true"
     assert ("nvidia.com/gpu" in trainer["spec"]["containers"][0]["resources"]["limits"]) == gpu
     # only labelled clients (trainer, robot agents) reach the model services; only the trainer reaches Redis
@@ -192,6 +275,160 @@ def test_kustomize_output_validates_against_kubernetes_schemas(overlay, tmp_path
     assert all("podSelector" in source for source in grpc_rule["from"])
     redis = by_kind["NetworkPolicy"]["redis-trainer-only"]["spec"]
     assert redis["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"rise.io/model-client": "true"}}}]
+    # every generated ConfigMap a pod names exists under its hashed name; every image is pinned
+    config_maps = set(by_kind["ConfigMap"])
+    for kind, name, pod in _pods(by_kind):
+        for container in pod["spec"]["containers"]:
+            assert ":" in container["image"], (kind, name, container["image"])
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                assert ref is None or ref["name"] in config_maps, (kind, name, ref)
+        for volume in pod["spec"].get("volumes", []):
+            assert "configMap" not in volume or volume["configMap"]["name"] in config_maps, (kind, name, volume)
+
+
+def test_run_config_uses_the_headless_services():
+    services = yaml.safe_load((ROOT / "k8s" / "base" / "config" / "run.yaml").read_text())["services"]
+    assert services == {name: f"dns:///{name}-headless:{port}" for name, port in HEADLESS_PORTS.items()}
+
+
+@pytest.mark.parametrize("overlay", SCALE_OUT)
+def test_scale_out_overlay_wires_learner_workers_and_policies(overlay):
+    by_kind = _by_kind(_rendered(overlay))
+    # the learner: torchrun, one rank per GPU, rank 0 serving TrainerService (readiness = that port)
+    pod = _learner_pod(by_kind)
+    container = pod["spec"]["containers"][0]
+    command = " ".join(container["args"])
+    env = _env(container)
+    assert "exec torchrun" in command and "-m rise.cli train rise" in command and "--serve-port 50054" in command
+    assert '--nproc-per-node "$LEARNER_NPROC_PER_NODE"' in command and '--run-id "$RUN_ID"' in command
+    nproc = int(env["LEARNER_NPROC_PER_NODE"])
+    assert _gpus(container) == nproc >= 1
+    assert container["readinessProbe"]["grpc"]["port"] == 50054
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"]), "/dev/shm for NCCL"
+    if "PyTorchJob" in by_kind:
+        job = by_kind["PyTorchJob"]["trainer-run"]["spec"]
+        assert set(job["pytorchReplicaSpecs"]) == {"Worker"}, "elastic: Worker replicas only"
+        nodes = job["pytorchReplicaSpecs"]["Worker"]["replicas"]
+        assert job["elasticPolicy"]["minReplicas"] == job["elasticPolicy"]["maxReplicas"] == nodes
+        assert job["elasticPolicy"]["rdzvBackend"] == "c10d" and job["nprocPerNode"] == str(nproc)
+        assert container["name"] == "pytorch"
+        assert {"name": "pytorchjob-port", "containerPort": 29400} in container["ports"]  # PET_RDZV_ENDPOINT's port
+    else:
+        job = by_kind["Job"]["trainer-run"]["spec"]
+        nodes = int(env["LEARNER_NNODES"])
+        assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == nodes
+        assert pod["spec"]["subdomain"] == "learner-rdzv" and pod["spec"]["restartPolicy"] == "OnFailure"
+        assert '--nnodes "$LEARNER_NNODES"' in command and "--rdzv-backend c10d" in command
+        assert '--rdzv-endpoint "trainer-run-0.learner-rdzv:29500"' in command and "JOB_COMPLETION_INDEX" in command
+        rdzv = by_kind["Service"]["learner-rdzv"]["spec"]
+        assert rdzv["clusterIP"] == "None" and rdzv["publishNotReadyAddresses"] is True
+        assert rdzv["selector"].items() <= pod["metadata"]["labels"].items()
+        assert {p["port"] for p in rdzv["ports"]} == {29500}
+    # every rank writes its part of each checkpoint: a volume all nodes mount
+    assert by_kind["PersistentVolumeClaim"]["trainer-runs"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # the trainer Service reaches the learner pods; workers join through it
+    trainer = by_kind["Service"]["trainer"]["spec"]
+    assert trainer["selector"].items() <= pod["metadata"]["labels"].items() and trainer["ports"][0]["port"] == 50054
+    workers = by_kind["Deployment"]["rollout-workers"]["spec"]["template"]
+    worker = workers["spec"]["containers"][0]
+    assert worker["args"] == ["rise", "worker", "rollout", "--trainer", "trainer:50054", "--run-id", "$(RUN_ID)"]
+    assert worker["image"] == container["image"], "workers run the trainer's code"
+    mounts = {m["mountPath"]: m for m in worker["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] and mounts["/data"]["readOnly"], "the run config's paths, read-only"
+    # NetworkPolicies: workers are model clients (models, Redis); trainer port open to model clients; ranks to each other
+    assert workers["metadata"]["labels"]["rise.io/model-client"] == "true"
+    assert "nvidia.com/gpu" not in worker["resources"].get("limits", {})
+    policies = by_kind["NetworkPolicy"]
+    clients = policies["trainer-clients-only"]["spec"]
+    assert clients["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert clients["ingress"][0] == {"from": [{"podSelector": {"matchLabels": {"rise.io/model-client": "true"}}}],
+                                     "ports": [{"port": 50054}]}
+    peers = policies["learner-peers"]["spec"]
+    assert peers["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert peers["ingress"] == [{"from": [{"podSelector": peers["podSelector"]}]}], "ranks: any port from each other"
+
+
+def _gpu_plan(by_kind: dict) -> dict[str, int]:
+    """GPUs each part takes at most: model replicas (HPA max where autoscaled) and learner pods x GPUs."""
+    hpa_max = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["maxReplicas"] for h in by_kind["HorizontalPodAutoscaler"].values()}
+    plan = {}
+    for name in MODEL_SERVICES:
+        deployment = by_kind["Deployment"][name]
+        plan[name] = hpa_max.get(name, deployment["spec"].get("replicas", 1)) * _gpus(deployment["spec"]["template"]["spec"]["containers"][0])
+    job = by_kind["Job"]["trainer-run"]
+    plan["learner"] = job["spec"]["completions"] * _gpus(job["spec"]["template"]["spec"]["containers"][0])
+    return plan
+
+
+def test_one_node_8gpu_fills_exactly_eight_gpus_on_one_node():
+    by_kind = _by_kind(_rendered("overlays/one-node-8gpu"))
+    plan = _gpu_plan(by_kind)
+    assert plan == {"policy": 1, "value": 2, "dynamics": 3, "learner": 2}, plan  # the kustomization's comment says why
+    assert sum(plan.values()) == 8
+    for hpa in by_kind["HorizontalPodAutoscaler"].values():
+        assert hpa["spec"]["minReplicas"] == hpa["spec"]["maxReplicas"], "pinned: no autoscaling within one node"
+    for name in MODEL_SERVICES:
+        deployment = by_kind["Deployment"][name]["spec"]
+        assert deployment["strategy"]["rollingUpdate"]["maxSurge"] == 0, f"{name}: no spare GPU to surge into"
+    for kind, name, pod in _pods(by_kind):
+        if any(_gpus(c) for c in pod["spec"]["containers"]):
+            assert pod["spec"]["nodeSelector"]["rise.io/placement"] == "one-node-8gpu", (kind, name)
+
+
+def test_multi_node_places_model_replicas_and_learner_on_their_pools():
+    by_kind = _by_kind(_rendered("overlays/multi-node"))
+    plan = _gpu_plan(by_kind)
+    assert plan["policy"] + plan["value"] + plan["dynamics"] <= 5 * 8, "the inference pool: 5 nodes x 8 GPUs"
+    assert by_kind["HorizontalPodAutoscaler"]["dynamics"]["spec"]["minReplicas"] == 19  # capacity.py's plan
+    for name in MODEL_SERVICES:
+        pod = by_kind["Deployment"][name]["spec"]["template"]["spec"]
+        assert pod["nodeSelector"]["rise.io/pool"] == "inference", name
+        spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+        assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= spread.keys(), name
+        assert all(c["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": f"rise-{name}"} for c in spread.values())
+    learner = by_kind["Job"]["trainer-run"]["spec"]
+    assert learner["template"]["spec"]["nodeSelector"]["rise.io/pool"] == "training"
+    assert learner["completions"] >= 2, "the learner spans nodes"
+    assert plan["learner"] == 8  # capacity.py's plan for 0.45 steps/s
+
+
+def test_pytorchjob_schema_rejects_broken_jobs(tmp_path):
+    """The PyTorchJob check can fail: the rendered job passes, each broken copy does not."""
+    import copy
+
+    docs = _rendered("overlays/learner-pytorchjob")
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    assert _crd_errors(job) == []
+
+    def broken(edit) -> dict:
+        doc = copy.deepcopy(job)
+        edit(doc)
+        return doc
+
+    spec = lambda d: d["spec"]  # noqa: E731
+    worker = lambda d: d["spec"]["pytorchReplicaSpecs"]["Worker"]  # noqa: E731
+    cases = {
+        "typo in a field name": lambda d: spec(d).update(pytorchReplicaSpec=spec(d).pop("pytorchReplicaSpecs")),
+        "no replica specs": lambda d: spec(d).pop("pytorchReplicaSpecs"),
+        "unknown replica type": lambda d: spec(d)["pytorchReplicaSpecs"].update(Chief=copy.deepcopy(worker(d))),
+        "two masters": lambda d: spec(d)["pytorchReplicaSpecs"].update(Master={**copy.deepcopy(worker(d)), "replicas": 2}),
+        "no container named pytorch": lambda d: worker(d)["template"]["spec"]["containers"][0].update(name="trainer"),
+        "container without image": lambda d: worker(d)["template"]["spec"]["containers"][0].pop("image"),
+        "unknown rendezvous backend": lambda d: spec(d)["elasticPolicy"].update(rdzvBackend="zookeeper"),
+        "nprocPerNode twice": lambda d: spec(d)["elasticPolicy"].update(nProcPerNode=4),
+        "bad restart policy": lambda d: worker(d).update(restartPolicy="Sometimes"),
+        "wrong apiVersion": lambda d: d.update(apiVersion="kubeflow.org/v2"),
+    }
+    validator = _crd_validator(job)
+    for what, edit in cases.items():
+        assert list(validator.iter_errors(broken(edit))), f"the schema accepts a PyTorchJob with {what}"
+    # its pod template goes through kubernetes-validate --strict: a misspelt pod field fails there
+    bad = broken(lambda d: worker(d)["template"]["spec"].update(restartPolicyy="OnFailure"))
+    rendered = tmp_path / "bad.yaml"
+    rendered.write_text(yaml.safe_dump_all(_pod_templates_of(bad)))
+    assert run(tool("kubernetes-validate"), "--strict", "--quiet", str(rendered), check=False).returncode != 0
+    _validate([job], tmp_path)  # and the good one passes the same path
 
 
 def test_switching_one_model_version_rolls_out_that_service_only(tmp_path):
