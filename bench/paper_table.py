@@ -121,24 +121,26 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
     imitation = stage("imitation", lambda: train_policy(
         load_model_config(cfg["tier"], {"training.steps": cfg["policy_steps"], "training.mode": "imitation",
                                         "training.seed": seed}),
-        [data], folder / "imitation", registry=registry.root, publish=True, threads=1))
+        [data], folder / "imitation", resume=_started(folder / "imitation"), registry=registry.root, publish=True,
+        threads=1))
     value = stage("value", lambda: train_value(
         load_value_config(cfg["tier"], {"training.progress_steps": cfg["value_steps"] // 2,
                                         "training.td_steps": cfg["value_steps"] - cfg["value_steps"] // 2,
                                         "training.seed": seed}),
-        [data], folder / "value", registry=registry.root, publish=True, threads=1))
+        [data], folder / "value", resume=_started(folder / "value"), registry=registry.root, publish=True, threads=1))
     stage("label", lambda: label(str(Path(value["model"])), data, labelled))
     recap = stage("recap", lambda: train_policy(
         load_model_config(cfg["tier"], {"training.steps": cfg["recap_steps"], "training.mode": "advantage",
                                         "training.seed": seed}),
-        [labelled], folder / "recap", init=Path(imitation["model"]), registry=registry.root, publish=True, threads=1))
+        [labelled], folder / "recap", init=Path(imitation["model"]), resume=_started(folder / "recap"),
+        registry=registry.root, publish=True, threads=1))
     versions = {"imitation": imitation["version"], "recap": recap["version"]}
 
     rise_runs = rise_methods(cfg)
     if any(dyn == "learned" for dyn, _ in rise_runs.values()):
         dynamics = stage("dynamics", lambda: train_dynamics(
             load_dynamics_config(cfg["tier"], {"training.seed": seed}), [data], folder / "dynamics",
-            registry=registry.root, publish=True, threads=1))
+            resume=_started(folder / "dynamics"), registry=registry.root, publish=True, threads=1))
     for method, (dyn, ratio) in rise_runs.items():
         def rise_run(method=method, dyn=dyn, ratio=ratio) -> dict:
             registry.set_alias("policy", "stable", recap["version"])
@@ -194,6 +196,12 @@ def published_chain(registry, final: str, start: str) -> list[str]:
         chain.append(version)
         version = registry.manifest("policy", version).parent
     return chain[::-1]
+
+
+def _started(run: Path) -> bool:
+    """A training stage stopped before it finished continues from its checkpoint (every trainer
+    writes `checkpoint.pt`; they refuse to start over an existing one)."""
+    return (run / "checkpoint.pt").exists()
 
 
 def _fresh(path: Path) -> Path:
