@@ -125,7 +125,7 @@ export REDIS_CHECK
 
 test: $(STAMP) $(VENV)/.triton
 	@$(PY) -c "$$REDIS_CHECK" "$(REDIS_URL)"
-	@$(PY) -c "import ctypes.util, sys; ctypes.util.find_library('EGL') or sys.exit('make test: MuJoCo renders through EGL, which is missing: sudo apt-get install libegl1 libgl1-mesa-dri')"
+	@$(PY) -c "import ctypes.util, sys; ctypes.util.find_library('EGL') or sys.exit('make test: MuJoCo renders through EGL, which is missing: sudo apt-get install libegl1 libgl1 libgl1-mesa-dri')"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Flags: make demo DEMO_ARGS="--task push --rl-steps 300 --tier small"  (see: .venv/bin/rise demo --help)

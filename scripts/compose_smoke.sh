@@ -109,7 +109,7 @@ if ! $DOCKER image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   rm -rf "$rootfs"
   log "debootstrap bookworm into $rootfs"
   debootstrap --variant=minbase \
-    --include=ca-certificates,libssl3,libffi8,libsqlite3-0,libbz2-1.0,liblzma5,libreadline8,libncursesw6,zlib1g,libuuid1,libexpat1,libgdbm6,libegl1,libgl1-mesa-dri,libusb-1.0-0,redis-server \
+    --include=ca-certificates,libssl3,libffi8,libsqlite3-0,libbz2-1.0,liblzma5,libreadline8,libncursesw6,zlib1g,libuuid1,libexpat1,libgdbm6,libegl1,libgl1,libgl1-mesa-dri,libusb-1.0-0,redis-server \
     bookworm "$rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1
   log "copying Python from $PY312"
   cp -a "$PY312"/bin "$PY312"/include "$PY312"/lib "$rootfs/usr/local/"

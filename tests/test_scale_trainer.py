@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -141,6 +142,11 @@ def _children(pid: int) -> dict[int, int]:
     return ranks
 
 
+# Known flake, not understood yet: after the kill, the restarted group's gloo full-mesh connect
+# sometimes hangs for ~600 s before it fails ("Connect timeout") and torchrun restarts it again,
+# which then works (seen once in CI at load ~4). The budget below lets the test survive one such
+# hang instead of timing out; the underlying cause is recorded on issue 10.
+@pytest.mark.timeout(1500)
 def test_a_rank_killed_mid_run_resumes_from_the_checkpoint_without_losing_a_sample(store, services, tmp_path):
     from rise.config import dump_config
     from services.trainer import distributed
@@ -149,7 +155,7 @@ def test_a_rank_killed_mid_run_resumes_from_the_checkpoint_without_losing_a_samp
     config = _config(store, services, tmp_path, **{
         "replay.url": REDIS_URL, "learner.offline_ratio": "0.0", "learner.steps": "14", "learner.batch_size": "4",
         "learner.checkpoint_every": "4", "learner.publish_every": "7", "rollout.max_samples": "32",
-        "learner.replay_wait_s": "1", "learner.distributed.strategy": "ddp", "learner.distributed.timeout_s": "120"})
+        "learner.replay_wait_s": "1", "learner.distributed.strategy": "ddp", "learner.distributed.timeout_s": "60"})
     config_file = tmp_path / "run.yaml"
     config_file.write_text(dump_config(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -171,7 +177,7 @@ def test_a_rank_killed_mid_run_resumes_from_the_checkpoint_without_losing_a_samp
         time.sleep(0.1)
     assert killed, (tmp_path / "torchrun.log").read_text()[-4000:]
     replay = ReplayQueue(config.replay, f"{config.replay.stream}:ranks")
-    assert process.wait(300) == 0, (tmp_path / "torchrun.log").read_text()[-6000:]
+    assert process.wait(1300) == 0, (tmp_path / "torchrun.log").read_text()[-6000:]
     stats = replay.stats()
     replay.delete()
     text = (tmp_path / "torchrun.log").read_text()
