@@ -49,13 +49,19 @@ def test_a_stalled_camera_is_detected_within_a_few_frames(rig):
     assert rig.stalled() == []
     sim.stalled.add("left_wrist")
     stopped = time.monotonic()
-    while not rig.stalled():
+    while "left_wrist" not in rig.stalled():
         assert time.monotonic() - stopped < 2.0
         time.sleep(0.005)
     detected = time.monotonic() - stopped
-    assert rig.stalled() == ["left_wrist"]
-    # stall_frames = 3 at 30 fps: 100 ms after the last frame, plus scheduling on a busy machine.
-    assert detected < 0.1 + 0.3, detected
+    # stall_frames = 3 at 30 fps: 100 ms after the last frame, plus scheduling on a busy machine
+    # (this test's own thread included).
+    assert detected < 0.1 + 0.9, detected
+    # The others keep delivering. On a starved machine the simulated cameras' own thread can miss
+    # a beat too, so they may look stalled for a moment: they must recover, left_wrist must not.
+    deadline = time.monotonic() + 2
+    while rig.stalled() != ["left_wrist"]:
+        assert "left_wrist" in rig.stalled() and time.monotonic() < deadline, rig.stalled()
+        time.sleep(0.01)
     with pytest.raises(CameraStalled, match="left_wrist"):
         rig.snapshot()
     sim.stalled.clear()
