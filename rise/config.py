@@ -68,6 +68,17 @@ def load_config(
         raise ConfigError(f"invalid {cls.__name__} config{source}:\n{exc}") from None
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` items (dotted keys) -> {key: value}; a malformed item raises ValueError."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. learner.steps=100")
+        overrides[key.strip()] = value
+    return overrides
+
+
 def dump_config(config: BaseModel) -> str:
     """The config as YAML, as printed at start and saved beside results."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -34,15 +34,13 @@ def run_training_command(
     from rich.console import Console
     from rich.syntax import Syntax
 
-    from rise.config import ConfigError, dump_config
+    from rise.config import ConfigError, dump_config, parse_overrides
 
     console = Console(stderr=True)
-    overrides = dict(overrides)
-    for item in set_items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set wants KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value
+    try:
+        overrides = {**overrides, **parse_overrides(set_items)}
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     try:
         saved = out / "config.yaml"
         cfg = load_model_config(saved if resume and saved.is_file() else config, overrides)

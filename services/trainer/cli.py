@@ -23,20 +23,14 @@ def run_from_cli(config_path: Path | None, run_id: str, set_items: list[str], pr
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rise.config import ConfigError
+    from rise.config import ConfigError, parse_overrides
     from services.trainer.config import load_run_config
     from services.trainer.distributed import init_world, shutdown_world
     from services.trainer.run import Status, TrainerRun, learn_on_rank
 
-    overrides = {}
-    for item in set_items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE, e.g. learner.steps=100")
-        overrides[key] = value
     try:
-        config = load_run_config(config_path, overrides)
-    except ConfigError as exc:
+        config = load_run_config(config_path, parse_overrides(set_items))
+    except (ConfigError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
 
     world = init_world(config.learner.distributed)

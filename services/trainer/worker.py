@@ -110,11 +110,11 @@ def register(worker_app: typer.Typer) -> None:
         max_samples: int = typer.Option(0, min=0, help="Stop after pushing this many samples (0: when the run ends)."),
     ) -> None:
         """A stateless rollout worker: joins a running trainer's run and pushes imagined samples to its stream."""
-        overrides = {}
-        for item in set_:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE")
-            overrides[key] = value
+        from rise.config import parse_overrides
+
+        try:
+            overrides = parse_overrides(set_)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
         asyncio.run(run_worker(trainer, run_id, worker_id, overrides, max_samples))
 
