@@ -304,6 +304,7 @@ def test_scale_out_overlay_wires_learner_workers_and_policies(overlay):
     assert '--nproc-per-node "$LEARNER_NPROC_PER_NODE"' in command and '--run-id "$RUN_ID"' in command
     nproc = int(env["LEARNER_NPROC_PER_NODE"])
     assert _gpus(container) == nproc >= 1
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts get a fresh store (distributed.check_launcher)
     assert container["readinessProbe"]["grpc"]["port"] == 50054
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"]), "/dev/shm for NCCL"
     if "PyTorchJob" in by_kind:

@@ -37,6 +37,8 @@ from test_trainer import _config, one_thread, services, store  # noqa: E402,F401
 
 REDIS_URL = os.environ.get("RISE_SCALE_REDIS", "redis://127.0.0.1:6379/12")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# A fresh rendezvous store for each generation of ranks torchrun starts (distributed.check_launcher)
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def _learner_config(strategy: str):
@@ -100,7 +102,7 @@ def test_one_step_on_two_gloo_ranks_equals_the_single_process_step(store, tmp_pa
 
     folder, registry = store
     args = {"out": str(tmp_path), "store": str(registry.root), "data": str(folder / "data")}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **TORCHRUN_ENV, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", __file__, "--worker", json.dumps(args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -142,12 +144,17 @@ def _children(pid: int) -> dict[int, int]:
     return ranks
 
 
-# Known bug, open on issue 10: in fresh clones run by .ci/run (2 of 2 runs this session, 0 of 2
-# in the working tree), the group torchrun restarts after the kill cannot connect its gloo full
-# mesh ("Connect timeout" after 300-600 s), restart after restart. Until it is understood the test
-# is an expected failure (not strict: it passes where the restart connects), with a budget that
-# keeps a hang from holding CI for long; the torchrun tree is always killed at the end.
-@pytest.mark.xfail(reason="restarted gloo group cannot reconnect in fresh-clone CI (issue 10)", strict=False)
+def test_a_torchrun_that_would_restart_ranks_on_a_shared_store_is_refused_with_the_fix():
+    from services.trainer.distributed import check_launcher
+
+    with pytest.raises(RuntimeError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_launcher({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"})
+    check_launcher({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0"})  # never restarted
+    check_launcher({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_MAX_RESTARTS": "3"})  # a store per generation
+    check_launcher({})  # not under torchrun
+
+
+# A budget that keeps a hang from holding CI for long; the torchrun tree is always killed at the end.
 @pytest.mark.timeout(420)
 def test_a_rank_killed_mid_run_resumes_from_the_checkpoint_without_losing_a_sample(store, services, tmp_path):
     from rise.config import dump_config
@@ -158,7 +165,7 @@ def test_a_rank_killed_mid_run_resumes_from_the_checkpoint_without_losing_a_samp
         "learner.replay_wait_s": "1", "learner.distributed.strategy": "ddp", "learner.distributed.timeout_s": "60"})
     config_file = tmp_path / "run.yaml"
     config_file.write_text(dump_config(config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **TORCHRUN_ENV, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # up to 3 restarts: the kill costs one; on a loaded machine a restarted group's gloo rendezvous may time out and cost another
     command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "3", "--monitor-interval", "0.5",
                "-m", "rise.cli", "train", "rise", "--config", str(config_file), "--run-id", "ranks", "--no-progress"]

@@ -1,5 +1,6 @@
 """Learner ranks: torch.distributed data parallelism for the policy update, launched by torchrun.
 
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1   # needed with --max-restarts > 0 (see `check_launcher`)
     torchrun --nproc-per-node 2 -m rise.cli train rise --config run.yaml --run-id r1     # 2 ranks, one machine
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-endpoint head:29400 -m rise.cli train rise ...  # a cluster
 
@@ -123,11 +124,31 @@ class World:
             dist.barrier()
 
 
+def check_launcher(environ=os.environ) -> None:
+    """Refuse a torchrun that would restart the group on a store shared with its predecessor.
+
+    By default torchrun's c10d rendezvous keeps ONE TCPStore for the whole job and hands it to every
+    generation of workers without a per-restart prefix, so the group torchrun restarts after a rank
+    dies can read the dead group's gloo addresses (or NCCL unique id) and fail with "Connection
+    refused" or hang in connectFullMesh until its timeout, restart after restart (pytorch#135712;
+    seen here in CI with torch 2.11, depending on which rank writes first).
+    `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` gives each generation a fresh store hosted by its rank 0.
+    """
+    shared = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if shared and restarts > 0:
+        raise RuntimeError(
+            f"torchrun may restart this group ({restarts} restarts) but shares its rendezvous store with the "
+            "workers, so a restarted group can read the dead group's addresses and hang (pytorch#135712). "
+            "Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.")
+
+
 def init_world(config: DistributedConfig) -> World:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or the single process."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    check_launcher()
     import torch
     import torch.distributed as dist
 
