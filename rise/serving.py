@@ -105,6 +105,8 @@ class ClientConfig(StrictModel):
     # Expected server name in its certificate when it differs from the address host.
     tls_server_name: str | None = None
     token: str = ""
+    # A file holding the token (a mounted Secret); the first non-empty line is sent, so the
+    # servers' `auth_token_file` (one accepted token per line) can serve as the clients' too.
     token_file: Path | None = None
     # Default deadline for calls made through `rise` clients, in seconds.
     timeout_s: float = Field(default=30.0, gt=0)
@@ -114,6 +116,12 @@ class ClientConfig(StrictModel):
     # draining replica drops out before it stops); a plain host:port keeps gRPC's default
     # (pick_first: one connection).
     load_balancing: Literal["auto", "round_robin", "pick_first"] = "auto"
+
+    def bearer_token(self) -> str:
+        """The token to send ("" = none): `token`, else the first non-empty line of `token_file`."""
+        if self.token or self.token_file is None:
+            return self.token
+        return next((line.strip() for line in self.token_file.read_text().splitlines() if line.strip()), "")
 
 
 def _size_options(max_message_mb: float) -> list[tuple[str, int]]:
@@ -455,7 +463,7 @@ def open_channel(config: ClientConfig | str, tracing: bool = False, retry_method
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         interceptors += aio_client_interceptors()
-    token = config.token or (config.token_file.read_text().strip() if config.token_file else "")
+    token = config.bearer_token()
     if token:
         interceptors += [cls(token) for cls in (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)]
     if config.tls_ca_file is None:

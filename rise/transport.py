@@ -204,7 +204,7 @@ class _TritonClient(_Client):
         self.address, self.model = address, model
         self.url = f"triton://{address}/{model}"
         self.config = config or ClientConfig(address=address)
-        token = self.config.token or (self.config.token_file.read_text().strip() if self.config.token_file else "")
+        token = self.config.bearer_token()
         self._headers = {"authorization": f"Bearer {token}"} if token else None
         tls = self.config.tls_ca_file is not None
         self._client = InferenceServerClient(

@@ -287,6 +287,21 @@ def test_kustomize_output_validates_against_kubernetes_schemas(overlay, tmp_path
             assert "configMap" not in volume or volume["configMap"]["name"] in config_maps, (kind, name, volume)
 
 
+@pytest.mark.parametrize("overlay", ["base", *SCALE_OUT])
+def test_every_model_client_pod_can_present_the_services_credentials(overlay):
+    """Servers and their clients mount the same (optional) TLS and token Secrets, at the paths the configs name."""
+    pods = list(_pods(_by_kind(_rendered(overlay))))
+    clients = [(kind, name, pod) for kind, name, pod in pods
+               if pod["metadata"].get("labels", {}).get("rise.io/model-client") == "true"]
+    servers = [(kind, name, pod) for kind, name, pod in pods if name in MODEL_SERVICES]
+    assert clients and servers
+    for kind, name, pod in clients + servers:
+        secrets = {v["secret"]["secretName"]: v["name"] for v in pod["spec"]["volumes"] if "secret" in v}
+        assert set(secrets) >= {"rise-tls", "rise-tokens"}, f"{kind} {name}"
+        mounts = {m["name"]: m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        assert mounts[secrets["rise-tls"]] == "/etc/rise/tls" and mounts[secrets["rise-tokens"]] == "/etc/rise/tokens", name
+
+
 def test_run_config_uses_the_headless_services():
     services = yaml.safe_load((ROOT / "k8s" / "base" / "config" / "run.yaml").read_text())["services"]
     assert services == {name: f"dns:///{name}-headless:{port}" for name, port in HEADLESS_PORTS.items()}

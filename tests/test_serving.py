@@ -289,3 +289,35 @@ async def test_version_swap_under_load_fails_no_request(policy_server, registry)
     assert failures == []
     assert swaps >= 10 and seen.get("v0001", 0) > 50 and seen.get("v0002", 0) > 50
     assert registry.aliases("policy")["stable"] == "v0001"  # persisted
+
+
+async def test_the_trainer_reaches_services_that_require_tls_and_a_token(policy_server, tls_material, tmp_path):
+    """The trainer's `services` section carries the credentials to its rollout clients and to the
+    ModelAdmin calls that move aliases; without them the same calls are refused."""
+    from rise.errors import RiseError
+    from rise.transport import connect_admins
+    from services.trainer.config import ServicesConfig
+    from services.trainer.rollout import open_clients
+
+    t = tls_material
+    tokens = tmp_path / "tokens"
+    tokens.write_text("\ntrainer-token\nanother-accepted-token\n")  # one Secret: servers accept every line, clients send the first
+    server = await policy_server(tls=TLSConfig(cert_file=t["server.pem"], key_file=t["server.key"]), auth_token_file=tokens)
+    url = f"grpc://{server.address}"
+    views = {v: np.zeros((2, EMB.image_height, EMB.image_width, 3), np.uint8) for v in EMB.views}
+    states = np.zeros((2, EMB.state_dim), np.float32)
+
+    services = ServicesConfig(policy=url, tls_ca_file=t["ca.pem"], token_file=tokens, timeout_s=10)
+    policy, dynamics, value = await open_clients(services)
+    async with policy, dynamics, value:
+        chunks = await policy.act(views, states, ["push", "push"], [10])
+        assert chunks.actions.shape == (2, EMB.chunk_length, EMB.action_dim) and chunks.version == "v0001"
+    [admin] = connect_admins(url, services.client())
+    async with admin:
+        assert (await admin.list_versions()).aliases["stable"] == "v0001"
+
+    for missing in ({"token_file": None}, {"tls_ca_file": None}):
+        policy, dynamics, value = await open_clients(services.model_copy(update=missing))
+        async with policy, dynamics, value:
+            with pytest.raises(RiseError):
+                await policy.act(views, states, ["push", "push"], [10], timeout_s=5)

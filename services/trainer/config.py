@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 
 from rise.config import StrictModel
+from rise.serving import ClientConfig
 from services.trainer.distributed import DistributedConfig
 from services.trainer.replay import ReplayConfig
 
@@ -29,6 +30,24 @@ class ServicesConfig(StrictModel):
     retry_attempts: int = Field(10, ge=1)
     retry_backoff_s: float = Field(0.5, gt=0)
     retry_max_backoff_s: float = Field(8.0, gt=0)
+    # Credentials for every model service, matching their `server.tls` / `server.auth_token_file`
+    # (unset: plaintext, no token). In Kubernetes the rise-tls / rise-tokens Secrets are mounted
+    # at /etc/rise/tls and /etc/rise/tokens (k8s/base).
+    tls_ca_file: Path | None = None
+    # Client certificate and key, for services that require mutual TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Expected name in the services' certificates when it differs from the URL's host.
+    tls_server_name: str | None = None
+    # Bearer token: the file's first non-empty line.
+    token_file: Path | None = None
+    max_message_mb: float = Field(64.0, gt=0)
+
+    def client(self, address: str = "-") -> ClientConfig:
+        """The client settings every call to a model service uses (the URL supplies the address)."""
+        return ClientConfig(address=address, max_message_mb=self.max_message_mb, tls_ca_file=self.tls_ca_file,
+                            tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file,
+                            tls_server_name=self.tls_server_name, token_file=self.token_file, timeout_s=self.timeout_s)
 
 
 class RolloutConfig(StrictModel):

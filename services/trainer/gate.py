@@ -13,6 +13,7 @@ import math
 import time
 from pathlib import Path
 
+from rise.serving import ClientConfig
 from services.trainer.config import GateConfig
 
 
@@ -32,9 +33,11 @@ def beats(successes: int, trials: int, base_successes: int, base_trials: int, co
 
 
 class Gate:
-    def __init__(self, config: GateConfig, run_dir: Path, policy_address: str, task: str, embodiment: str, log=print):
-        self.config, self.path, self.address, self.task, self.embodiment, self.log = (
-            config, Path(run_dir) / "gate.json", policy_address, task, embodiment, log)
+    def __init__(self, config: GateConfig, run_dir: Path, policy: str | ClientConfig, task: str, embodiment: str,
+                 log=print):
+        """`policy`: the policy service's host:port, or its client settings (TLS, token)."""
+        self.config, self.path, self.policy, self.task, self.embodiment, self.log = (
+            config, Path(run_dir) / "gate.json", policy, task, embodiment, log)
         self.history: list[dict] = json.loads(self.path.read_text()) if self.path.exists() else []
 
     def evaluated(self, version: str) -> dict | None:
@@ -46,7 +49,7 @@ class Gate:
 
         cfg = self.config
         started = time.perf_counter()
-        report = evaluate(self.address, self.task, cfg.episodes, version=version, seed=cfg.seed, max_steps=cfg.max_steps,
+        report = evaluate(self.policy, self.task, cfg.episodes, version=version, seed=cfg.seed, max_steps=cfg.max_steps,
                           embodiment=self.embodiment, progress=False)
         entry = {"version": version, "role": role, "learner_step": learner_step, "task": self.task,
                  "successes": report.successes, "episodes": len(report.episodes), "success_rate": report.success_rate,

@@ -195,5 +195,7 @@ async def open_clients(services: ServicesConfig):
     """(policy, dynamics, value) clients for the configured URLs."""
     from rise.transport import connect_dynamics, connect_policy, connect_value
 
-    return connect_policy(services.policy), connect_dynamics(services.dynamics), connect_value(services.value)
+    client = services.client()
+    return (connect_policy(services.policy, client), connect_dynamics(services.dynamics, client),
+            connect_value(services.value, client))
 

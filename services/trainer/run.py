@@ -176,7 +176,7 @@ class TrainerRun:
 
         task = cfg.gate.task or episodes.tasks[0]
         gate_task = _sim_task(task, task_names())
-        gate = Gate(cfg.gate, self.run_dir, parse_url(cfg.services.policy_admin or cfg.services.policy).address,
+        gate = Gate(cfg.gate, self.run_dir, cfg.services.client(parse_url(cfg.services.policy_admin or cfg.services.policy).address),
                     gate_task, cfg.embodiment, log=self.log) if cfg.gate.every_versions else None
         if gate is not None and cfg.gate.evaluate_initial and gate.evaluated(learner.init_version) is None:
             async with self._gate_lock:
@@ -285,7 +285,7 @@ class TrainerRun:
         from rise.transport import connect_admins, ensure_alias
 
         s = self.config.services
-        for admin in connect_admins(s.policy_admin or s.policy):
+        for admin in connect_admins(s.policy_admin or s.policy, s.client()):
             async with admin:
                 await ensure_alias(admin, alias, version, attempts=s.retry_attempts, backoff_s=s.retry_backoff_s,
                                    max_backoff_s=s.retry_max_backoff_s, log=self.log)
