@@ -3,9 +3,10 @@
 #
 #   serve [ARGS]   (the default) `rise serve $SERVICE [ARGS]`; with SERVICE_CONFIG set, its YAML
 #                  is passed as --config (RISE_* variables still override it). For a model service,
-#                  MODEL_VERSION=v0003 (or an alias) first points the registry alias MODEL_ALIAS
-#                  (default: stable) of that model at it, so the service serves it by default:
-#                  one variable per service picks its version.
+#                  MODEL_VERSION=v0003 (or an alias) pins the alias MODEL_ALIAS (default: stable)
+#                  to it in this server (`pin` in the service config), so it serves that version
+#                  by default: one variable per service picks its version. The shared registry's
+#                  aliases are left alone (other services or replicas may pin others).
 #   health         exit 0 when this container's server answers gRPC health SERVING (HEALTHCHECK).
 #   anything else  run as given, e.g. `rise models list` or `rise train rise --config ...`.
 set -eu
@@ -28,7 +29,7 @@ case "${1:-serve}" in
     port=${RISE_SERVER__PORT:-$(default_port "$service")}
     export RISE_SERVER__PORT="$port"
     if [ -n "${MODEL_VERSION:-}" ] && [ "$service" != trainer ]; then
-      rise models alias "$service" "${MODEL_ALIAS:-stable}" "$MODEL_VERSION"
+      export RISE_PIN="{\"${MODEL_ALIAS:-stable}\": \"$MODEL_VERSION\"}"
     fi
     if [ -n "${SERVICE_CONFIG:-}" ]; then
       exec rise serve "$service" --config "$SERVICE_CONFIG" "$@"

@@ -43,6 +43,11 @@ class ModelServiceConfig(StrictModel):
     default_alias: str = "stable"
     # Aliases whose versions are loaded (and routed) at start; missing ones are skipped.
     preload: list[str] = ["stable", "candidate", "latest"]
+    # Aliases this server routes to a given version (or registry alias, resolved at start) whatever
+    # the registry says, loaded at start: {stable: v0003} serves v0003 by default. The registry is
+    # not written, so Deployments sharing one store can pin different versions (MODEL_VERSION in
+    # the images sets it). ModelAdmin.SetAlias still moves the route while the server runs.
+    pin: dict[str, str] = {}
     # torch intra-op threads for learned models (None: torch's default, one per core). On a small
     # shared CPU, 1 avoids OpenMP oversubscription (measured here: 42 ms vs seconds under load).
     torch_threads: int | None = None
@@ -138,10 +143,13 @@ class ModelHost:
                 raise FailedPrecondition(f"{self.model_name}/{version} is routed by alias(es) {pointing}; point them elsewhere first")
             self._loaded = {v: m for v, m in self._loaded.items() if v != version}
 
-    async def start(self, preload: list[str]) -> None:
-        """Load and route the registry's aliases named in `preload` (missing ones are skipped)."""
-        stored = self.registry.aliases(self.model_name)
-        for alias in preload:
+    async def start(self, preload: list[str], pin: dict[str, str] | None = None) -> None:
+        """Load and route the registry's aliases named in `preload` (missing ones are skipped), and
+        the `pin`ned aliases to their versions (a pin that does not resolve fails the start)."""
+        pin = pin or {}
+        stored = {**self.registry.aliases(self.model_name),
+                  **{alias: self.registry.resolve(self.model_name, ref) for alias, ref in pin.items()}}
+        for alias in dict.fromkeys([*preload, *pin]):
             if alias not in stored:
                 log.warning("alias not in registry, not preloaded", extra={"fields": {"model": self.model_name, "alias": alias}})
                 continue
@@ -149,9 +157,14 @@ class ModelHost:
                 try:
                     loaded = await self._load(stored[alias])
                 except RiseError as exc:  # a broken version is never served, the others still are
+                    if alias in pin:
+                        raise  # the operator asked for exactly this version: do not serve another
                     log.error("alias not loaded", extra={"fields": {"model": self.model_name, "alias": alias, "error": str(exc)}})
                     continue
                 self._aliases = {**self._aliases, alias: loaded.version}
+            if alias in pin:
+                log.info("alias pinned", extra={"fields": {"model": self.model_name, "alias": alias, "version": loaded.version,
+                                                           "registry": self.registry.aliases(self.model_name).get(alias, "")}})
 
     def loaded_versions(self) -> dict[str, LoadedModel]:
         return self._loaded
@@ -237,7 +250,7 @@ async def start_model_service(name: str, config: ModelServiceConfig, loader: Loa
         torch.set_num_threads(config.torch_threads)
     host = ModelHost(Registry(config.registry_root), config.model_name, load_embodiment(config.embodiment),
                      loader, config.default_alias)
-    await host.start(config.preload)
+    await host.start(config.preload, config.pin)
     running = await start_server(name, config.server, [
         (add_fn, servicer(host)),
         (model_admin_pb2_grpc.add_ModelAdminServicer_to_server, ModelAdminServicer(host)),

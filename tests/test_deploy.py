@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -530,7 +531,8 @@ async def test_rise_health_command(registry, tls_material):
 
 
 def test_entrypoint_pins_the_model_version_then_serves(registry):
-    """MODEL_VERSION=v0002: the entry point points `stable` at it, and the service serves it by default."""
+    """MODEL_VERSION=v0002: the service routes its own `stable` to it and serves it by default; the
+    shared registry's alias is left alone (another Deployment may pin another version)."""
     import grpc
 
     from conftest import observation
@@ -548,9 +550,9 @@ def test_entrypoint_pins_the_model_version_then_serves(registry):
             grpc.channel_ready_future(channel).result(timeout=60)
             reply = policy_pb2_grpc.PolicyServiceStub(channel).Act(policy_pb2.ActRequest(observation=observation()), timeout=20)
         assert reply.meta.version == "v0002"
-        assert registry.aliases("policy")["stable"] == "v0002"
+        assert registry.aliases("policy")["stable"] == "v0001"
     finally:
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
     assert process.returncode == 0, out
-    assert "stable -> v0002 (was v0001)" in out
+    assert re.search(r"pin:\s+stable: v0002", out) and "alias pinned" in out, out

@@ -111,7 +111,7 @@ async def test_batch_and_stream(policy_server):
                                                                advantage_bins=[10]), timeout=10)
         assert len(batch.chunks) == 5
         single = await act(channel, observation(seed=3))
-        np.testing.assert_allclose(from_tensor(batch.chunks[3].actions), from_tensor(single.chunk.actions), rtol=1e-6)
+        np.testing.assert_allclose(from_tensor(batch.chunks[3].actions), from_tensor(single.chunk.actions), rtol=1e-5, atol=1e-7)  # float32: batched matmuls may sum in another order (per CPU)
         with pytest.raises(grpc.aio.AioRpcError, match="expected 1 or 5 advantage bins"):
             await stub.ActBatch(policy_pb2.ActBatchRequest(observations=[observation(seed=s) for s in range(5)],
                                                            advantage_bins=[1, 2]), timeout=10)
@@ -321,3 +321,22 @@ async def test_the_trainer_reaches_services_that_require_tls_and_a_token(policy_
         async with policy, dynamics, value:
             with pytest.raises(RiseError):
                 await policy.act(views, states, ["push", "push"], [10], timeout_s=5)
+
+
+async def test_a_pinned_alias_serves_its_version_without_rewriting_the_registry(registry):
+    from rise.errors import NotFound
+
+    config = PolicyConfig(registry_root=registry.root, server=ServerConfig(port=0, log_json=False),
+                          preload=["candidate"], pin={"stable": "v0002"})
+    running = await start(config)
+    try:
+        async with open_channel(running.address) as channel:
+            assert (await act(channel)).meta.version == "v0002"  # the default alias, pinned here
+            listed = await model_admin_pb2_grpc.ModelAdminStub(channel).ListVersions(model_admin_pb2.ListVersionsRequest(), timeout=10)
+            assert listed.aliases["stable"] == "v0002"
+    finally:
+        await running.stop(0)
+    assert registry.aliases("policy")["stable"] == "v0001"  # other servers sharing the store are unaffected
+
+    with pytest.raises(NotFound, match="v0009"):  # a pin names exactly one version: never serve another instead
+        await start(config.model_copy(update={"pin": {"stable": "v0009"}}))
