@@ -31,7 +31,7 @@ WORKDIR /opt/rise/src
 # Only what the locked environment depends on, so that it stays cached while code and docs change.
 COPY requirements.lock pyproject.toml ./
 COPY docker/lock_subset.py docker/
-RUN "$PYTHON" docker/lock_subset.py --extras agent --torch cpu requirements.lock > /tmp/requirements.txt \
+RUN "$PYTHON" docker/lock_subset.py --extras agent requirements.lock > /tmp/requirements.txt \
     && "$PYTHON" -m venv /opt/rise/venv \
     && /opt/rise/venv/bin/pip install --no-cache-dir --no-deps --require-hashes -r /tmp/requirements.txt
 COPY . .

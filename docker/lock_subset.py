@@ -7,11 +7,13 @@ P listed with `# via Q` is needed by Q, so the closure over them from the direct
 exactly what the resolver chose for them. At worst it keeps too much (a package that Q needs only
 through one of Q's own extras), never too little.
 
-`--torch cpu` leaves out the CUDA runtime wheels (nvidia-*, cuda-*, and OpenAI's `triton` compiler,
-which torch uses only on GPUs): torch's PyPI build imports and runs on the CPU without them, and
-they are about 3.3 GB of the 6.7 GB environment. `--torch cuda` keeps them.
+The CUDA runtime wheels (nvidia-*, about 3.3 GB) stay in every torch image, CPU ones too: torch's
+PyPI build links libcudart, cuBLAS, cuDNN, NCCL ... and does not import without them (measured in
+the compose smoke run: "libcudart.so.13: cannot open shared object file"); its CPU-only build lives
+on download.pytorch.org, which this project's builds cannot reach. On a machine without a GPU the
+same image runs on the CPU.
 
-    python docker/lock_subset.py --extras ml,data,triton --torch cpu requirements.lock > req.txt
+    python docker/lock_subset.py --extras ml,data,triton requirements.lock > req.txt
     pip install --no-deps --require-hashes -r req.txt
 """
 
@@ -26,7 +28,6 @@ from pathlib import Path
 ROOT = "rise-serve (pyproject.toml)"
 # Needed to install the project itself (`pip install --no-build-isolation -e .`).
 ALWAYS = {"setuptools"}
-CUDA_ONLY = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 
 
 def canonical(name: str) -> str:
@@ -74,7 +75,7 @@ def direct_requirements(pyproject: dict, extras: list[str]) -> set[str]:
     return {requirement_name(s) for s in specs}
 
 
-def subset(lock: dict[str, tuple[str, set[str]]], roots: set[str], torch: str) -> list[str]:
+def subset(lock: dict[str, tuple[str, set[str]]], roots: set[str]) -> list[str]:
     missing = sorted(roots - lock.keys())
     if missing:
         raise SystemExit(f"requirements.lock lacks {missing}: run `make lock`")
@@ -86,8 +87,6 @@ def subset(lock: dict[str, tuple[str, set[str]]], roots: set[str], torch: str) -
             if name not in keep and parents & keep:
                 keep.add(name)
                 changed = True
-    if torch == "cpu":
-        keep = {n for n in keep if not CUDA_ONLY.match(n)}
     return [block for name, (block, _) in lock.items() if name in keep]
 
 
@@ -96,17 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lock", type=Path, help="requirements.lock")
     parser.add_argument("--pyproject", type=Path, default=None, help="default: pyproject.toml beside the lock")
     parser.add_argument("--extras", default="", help="comma-separated extras, e.g. ml,data,triton")
-    parser.add_argument("--torch", choices=("cpu", "cuda"), default="cuda",
-                        help="cpu: leave out the CUDA runtime wheels")
     args = parser.parse_args(argv)
     pyproject = tomllib.loads((args.pyproject or args.lock.parent / "pyproject.toml").read_text())
     extras = [e.strip() for e in args.extras.split(",") if e.strip()]
     lock = parse_lock(args.lock.read_text())
-    blocks = subset(lock, direct_requirements(pyproject, extras), args.torch)
-    sys.stdout.write(f"# {len(blocks)} of {len(lock)} packages of {args.lock.name}: extras {extras or 'none'}, "
-                     f"torch {args.torch}\n" + "\n".join(blocks) + "\n")
-    print(f"lock_subset: {len(blocks)} of {len(lock)} packages (extras: {','.join(extras) or 'none'}; torch: {args.torch})",
-          file=sys.stderr)
+    blocks = subset(lock, direct_requirements(pyproject, extras))
+    sys.stdout.write(f"# {len(blocks)} of {len(lock)} packages of {args.lock.name}: extras {extras or 'none'}\n"
+                     + "\n".join(blocks) + "\n")
+    print(f"lock_subset: {len(blocks)} of {len(lock)} packages (extras: {','.join(extras) or 'none'})", file=sys.stderr)
     return 0
 
 

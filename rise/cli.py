@@ -21,6 +21,8 @@ train_app = typer.Typer(help="Train a model from LeRobot datasets and publish it
 app.add_typer(train_app, name="train")
 worker_app = typer.Typer(help="Stateless workers that join a running trainer (scale them out freely).", no_args_is_help=True)
 app.add_typer(worker_app, name="worker")
+run_app = typer.Typer(help="Runs on a TrainerService (rise serve trainer): start, watch, status, stop.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
 console = Console(stderr=True)
 
 STORE = typer.Option(Path("model_store"), "--store", envvar="RISE_REGISTRY_ROOT", help="Model registry root.")
@@ -228,7 +230,7 @@ def _register_commands() -> None:
                            ("services.dynamics.evaluate", app), ("services.dynamics.train", train_app),
                            ("services.value.train", train_app), ("services.value.label", app),
                            ("services.policy.train", train_app), ("services.trainer.cli", train_app),
-                           ("services.trainer.worker", worker_app)):
+                           ("services.trainer.worker", worker_app), ("services.trainer.control", run_app)):
         importlib.import_module(module).register(target)
 
 

@@ -531,43 +531,27 @@ def run_config(o: DemoOptions, paths: Paths, data: Path, urls: dict[str, str], r
 
 
 # ---- 5. RL through the TrainerService ---------------------------------------------------------------
-async def run_rl(trainer_address: str, config_yaml: str, run_id: str, steps: int, console: Console) -> Any:
+async def run_rl(trainer_address: str, config_yaml: str, run_id: str, console: Console) -> Any:
     """StartRun, WatchRun with a progress bar until the stream ends; returns the final RunStatus."""
     import grpc
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from rise.proto.v1 import trainer_pb2, trainer_pb2_grpc
     from rise.serving import open_channel
+    from services.trainer.control import stop_run, watch_run
 
     async with open_channel(trainer_address) as channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
-        columns = [TextColumn("[bold]RL in imagination"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
         try:
             try:
                 await stub.StartRun(trainer_pb2.StartRunRequest(run_id=run_id, config_yaml=config_yaml), timeout=60)
             except grpc.aio.AioRpcError as exc:
                 raise DemoError(f"TrainerService.StartRun: {exc.code().name}: {exc.details()}") from None
-            with Progress(*columns, console=console) as bar:
-                job = bar.add_task("rl", total=steps, info="starting")
-                async for status in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=run_id)):
-                    m = status.metrics
-                    state = trainer_pb2.RunState.Name(status.state).removeprefix("RUN_STATE_").lower()
-                    bar.update(job, completed=status.learner_step, info=(
-                        f"{status.imagined_samples} imagined ({m.get('imagined_per_s', 0.0):.1f}/s), "
-                        f"loss {m.get('loss', float('nan')):.3f}, policy {status.policy_version or '-'}, {state}"))
-            return await stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30)
+            return await watch_run(stub, run_id, console)
         except (asyncio.CancelledError, KeyboardInterrupt):
             # Ctrl-C: ask the run to stop after its current learner step (it checkpoints) and give it
             # 10 s to get there before the services are stopped; a second Ctrl-C skips the wait.
-            ended = (trainer_pb2.RUN_STATE_STOPPED, trainer_pb2.RUN_STATE_SUCCEEDED, trainer_pb2.RUN_STATE_FAILED)
             with contextlib.suppress(Exception):
-                await stub.StopRun(trainer_pb2.StopRunRequest(run_id=run_id), timeout=5)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    if (await stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=5)).state in ended:
-                        break
-                    await asyncio.sleep(0.25)
+                await stop_run(stub, run_id, wait_s=10)
             raise
 
 
@@ -669,7 +653,7 @@ async def serve_and_improve(o: DemoOptions, paths: Paths, data: Path, redis_url:
 
         with stages("RL in imagination") as info:
             try:
-                status = await run_rl(group.services["trainer"].address, run_yaml.read_text(), run_id, o.rl_steps, console)
+                status = await run_rl(group.services["trainer"].address, run_yaml.read_text(), run_id, console)
             finally:
                 with contextlib.suppress(Exception):
                     delete_run_keys(redis_url, run_id)

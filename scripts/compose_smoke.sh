@@ -135,8 +135,8 @@ rsync -a --delete --exclude .git --exclude .venv --exclude build --exclude model
 # ---- the wheelhouse, served on 127.0.0.1 ----------------------------------------------------------
 t=$(date +%s)
 mkdir -p "$WORK/wheelhouse"
-python3 "$CTX/docker/lock_subset.py" --extras ml,data,triton --torch cpu "$CTX/requirements.lock" >"$WORK/req-services.txt"
-python3 "$CTX/docker/lock_subset.py" --extras agent --torch cpu "$CTX/requirements.lock" >"$WORK/req-agent.txt"
+python3 "$CTX/docker/lock_subset.py" --extras ml,data,triton "$CTX/requirements.lock" >"$WORK/req-services.txt"
+python3 "$CTX/docker/lock_subset.py" --extras agent "$CTX/requirements.lock" >"$WORK/req-agent.txt"
 stamp=$(cat "$WORK/req-services.txt" "$WORK/req-agent.txt" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$WORK/wheelhouse/.complete" 2>/dev/null)" != "$stamp" ]; then
 log "pip download (hash-checked) into $WORK/wheelhouse"

@@ -114,7 +114,7 @@ def demo_run(store):
             result["healthy"] = True
             before = await evaluate_async(group.services["policy"].address, TASK, 1, version="stable", max_steps=8,
                                           progress=False)
-            status = await run_rl(group.services["trainer"].address, run_yaml.read_text(), run_id, 4, QUIET)
+            status = await run_rl(group.services["trainer"].address, run_yaml.read_text(), run_id, QUIET)
             after = await evaluate_async(group.services["policy"].address, TASK, 1, version=status.policy_version,
                                          max_steps=8, progress=False)
             episodes = load_episodes_in_memory([data], EMB)

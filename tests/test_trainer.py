@@ -286,6 +286,51 @@ def test_trainer_service_starts_watches_and_stops_a_run(store, services, tmp_pat
     assert 'rise_trainer_loss{run="served"}' in scraped[0] and "rise_trainer_replay_depth" in scraped[0]
 
 
+def test_rise_run_commands_start_stop_and_report_a_served_run(store, services, tmp_path):
+    """`rise run start/status/stop/watch` against a real TrainerService, as separate processes."""
+    from rise.config import dump_config
+    from rise.serving import ServerConfig
+    from services.trainer.server import TrainerConfig, start
+
+    config = _config(store, services, tmp_path, **{"learner.steps": "1000"})
+    (tmp_path / "run.yaml").write_text(dump_config(config))
+    (tmp_path / "bad.yaml").write_text(dump_config(config).replace("steps: 1000", "steps: -1"))
+    trainer = asyncio.run_coroutine_threadsafe(
+        start(TrainerConfig(server=ServerConfig(port=0, log_json=False))), services.loop).result(30)
+
+    def rise_run(*args, timeout=120):
+        done = subprocess.run([sys.executable, "-m", "rise.cli", "run", *args, "--trainer", trainer.address], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return done.returncode, done.stdout, done.stderr
+
+    try:
+        code, out, err = rise_run("start", "--config", str(tmp_path / "bad.yaml"), "--run-id", "bad")
+        assert code == 1 and "INVALID_ARGUMENT" in err and "steps" in err, err
+        code, out, err = rise_run("status", "nope")
+        assert code == 1 and "NOT_FOUND" in err, err
+
+        code, out, err = rise_run("start", "--config", str(tmp_path / "run.yaml"), "--run-id", "cli", "--no-watch",
+                                  "--set", "learner.publish_every=2")
+        assert code == 0 and json.loads(out)["state"] == "running", out + err
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            code, out, err = rise_run("status", "cli")
+            if json.loads(out)["learner_step"] >= 2:
+                break
+            time.sleep(1)
+        code, out, err = rise_run("stop", "cli", "--wait", "120")
+        stopped = json.loads(out)
+        assert code == 0 and stopped["state"] == "stopped" and 2 <= stopped["learner_step"] < 1000, out + err
+        assert stopped["policy_version"].startswith("v") and "loss" in stopped["metrics"]
+        code, out, err = rise_run("watch", "cli")  # an ended run: its final status at once
+        assert code == 0 and json.loads(out)["learner_step"] == stopped["learner_step"], out + err
+        code, out, err = rise_run("status", "cli", "--config")
+        assert code == 0 and "publish_every: 2" in out and "steps: 1000" in out
+    finally:
+        asyncio.run_coroutine_threadsafe(trainer.stop(0), services.loop).result(30)
+        _replay(config, "cli").delete()
+
+
 def test_gate_evaluates_in_the_simulator_and_promotes_only_with_confidence(store, services, tmp_path):
     from services.trainer.gate import beats
     from services.trainer.run import TrainerRun

@@ -76,6 +76,7 @@ class TrainerRun:
         self._stop = threading.Event()  # seen by the learner thread and the rollout loop
         self._stop_requested = False  # by a user (StopRun, Ctrl-C), not by the run's own end
         self._watchers: list[asyncio.Queue] = []
+        self._ended = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate_lock = asyncio.Lock()
         self._fleet: dict[str, float] = {}  # rollout worker id -> when it last asked for the plan (monotonic s)
@@ -86,9 +87,13 @@ class TrainerRun:
         return Status(**{**asdict(self.status), "metrics": dict(self.status.metrics)})
 
     def watch(self) -> asyncio.Queue:
+        """Statuses as they change, then None when the run has ended (at once for an ended run)."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
-        self._watchers.append(queue)
         queue.put_nowait(self.snapshot())
+        if self._ended:
+            queue.put_nowait(None)
+        else:
+            self._watchers.append(queue)
         return queue
 
     def _changed(self) -> None:
@@ -144,7 +149,10 @@ class TrainerRun:
             for client in clients:
                 await client.close()
             self._changed()
+            self._ended = True
             for queue in self._watchers:
+                if queue.full():
+                    queue.get_nowait()  # the final status just queued stays; an older one goes
                 queue.put_nowait(None)  # end of stream
         return self.snapshot()
 
