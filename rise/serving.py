@@ -76,6 +76,10 @@ class ServerConfig(StrictModel):
     # calls in flight up to `grace_seconds` to finish.
     drain_seconds: float = Field(default=0.0, ge=0)
     grace_seconds: float = Field(default=10.0, ge=0)
+    # Close each client connection after this many seconds (gRPC GOAWAY; calls in flight get
+    # `grace_seconds`), so that clients re-resolve their target and spread over replicas that
+    # joined since (a headless Service gains pods under an HPA). None = connections live on.
+    max_connection_age_s: float | None = Field(default=None, gt=0)
     # Prometheus /metrics HTTP port; None = not exposed.
     metrics_port: int | None = None
     tls: TLSConfig | None = None
@@ -127,6 +131,13 @@ class ClientConfig(StrictModel):
 def _size_options(max_message_mb: float) -> list[tuple[str, int]]:
     limit = int(max_message_mb * 1024 * 1024)
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def _age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    if config.max_connection_age_s is None:
+        return []
+    return [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
 
 
 # ---- logs and traces ------------------------------------------------------------------------
@@ -338,7 +349,7 @@ async def start_server(name: str, config: ServerConfig, services: list[tuple[Add
     interceptors.append(_ServerInterceptor(name, config.tokens()))
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=_size_options(config.max_message_mb),
+        options=_size_options(config.max_message_mb) + _age_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     names = []

@@ -140,9 +140,10 @@ python3 "$CTX/docker/lock_subset.py" --extras agent "$CTX/requirements.lock" >"$
 stamp=$(cat "$WORK/req-services.txt" "$WORK/req-agent.txt" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$WORK/wheelhouse/.complete" 2>/dev/null)" != "$stamp" ]; then
 log "pip download (hash-checked) into $WORK/wheelhouse"
+# Every glibc a wheel may ask for up to bookworm's 2.36 (the CUDA wheels use 2_25 and 2_27).
+PLATFORMS=$(for v in $(seq 17 36); do printf -- '--platform manylinux_2_%s_x86_64 ' "$v"; done)
 if ! "$PY312/bin/python3.12" -m pip download --no-deps --require-hashes --only-binary=:all: --python-version 3.12 \
-  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
-  --platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 --platform linux_x86_64 --platform any \
+  $PLATFORMS --platform manylinux2014_x86_64 --platform linux_x86_64 --platform any \
   -d "$WORK/wheelhouse" -r "$WORK/req-services.txt" -r "$WORK/req-agent.txt" >"$WORK/download.log" 2>&1; then
   tail -20 "$WORK/download.log" >&2; exit 1
 fi

@@ -340,3 +340,18 @@ async def test_a_pinned_alias_serves_its_version_without_rewriting_the_registry(
 
     with pytest.raises(NotFound, match="v0009"):  # a pin names exactly one version: never serve another instead
         await start(config.model_copy(update={"pin": {"stable": "v0009"}}))
+
+
+async def test_connections_are_recycled_after_their_max_age_without_failing_a_call(policy_server, caplog):
+    """max_connection_age_s: the client reconnects (and so re-resolves its target: new replicas get
+    traffic) while every call still succeeds."""
+    import logging
+
+    server = await policy_server(max_connection_age_s=0.5, grace_seconds=1)
+    caplog.set_level(logging.INFO, logger="rise.serving")
+    async with open_channel(server.address) as channel:
+        for _ in range(30):
+            assert (await act(channel)).meta.version == "v0001"
+            await asyncio.sleep(0.1)
+    peers = {r.fields["peer"] for r in caplog.records if r.getMessage() == "rpc" and hasattr(r, "fields")}
+    assert len(peers) >= 2, peers  # one client, several connections (its local port changed)
