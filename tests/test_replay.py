@@ -212,6 +212,24 @@ def test_rate_limiter(make_queue):
     assert queue.inserter_may_insert(20)
 
 
+def test_learners_racing_for_samples_never_pass_the_bound_together(make_queue):
+    """Several learner ranks try-acquire at once: the check and the count are one Redis script."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queues = [make_queue(min_size_to_sample=4, samples_per_insert=1.0, error_buffer=2) for _ in range(8)]
+    queues[0].push([payload()] * 40)
+
+    def grab(queue) -> int:
+        taken = 0
+        while queue.learner_may_sample(3):
+            taken += 3
+        return taken
+
+    with ThreadPoolExecutor(8) as pool:
+        taken = sum(pool.map(grab, queues))
+    assert taken == queues[0].stats()["sampled"] == 42 - 42 % 3  # 40 inserted * 1.0 + 2, in steps of 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

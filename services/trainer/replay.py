@@ -333,15 +333,14 @@ class ReplayQueue:
     # Counted in learner sample *slots*, not acknowledged entries: each entry is read once, so with
     # samples_per_insert > 1 a bound on acknowledgements could never be met and rollouts would stop.
     def learner_may_sample(self, n: int) -> bool:
-        """Admit the learner to use n samples if the rate allows, counting them (a try-acquire)."""
-        c, cfg = self._counts(), self.config
-        ahead = c["sampled"] + n - cfg.samples_per_insert * c["inserted"]
-        if c["inserted"] < cfg.min_size_to_sample or ahead > cfg.error_buffer:
-            return False
-        # Check-then-add is not atomic; with one learner per run that is fine, and two would
-        # overshoot by a batch at most.
-        self._do(lambda r: r.hincrby(self.counters, "sampled", n))
-        return True
+        """Admit the learner to use n samples if the rate allows, counting them (a try-acquire).
+
+        One Lua script checks and counts, so learner ranks sharing the run's counters never
+        admit more between them than the bound allows."""
+        cfg = self.config
+        admitted = self._do(lambda r: r.eval(_TRY_SAMPLE, 1, self.counters, n, cfg.samples_per_insert,
+                                             cfg.min_size_to_sample, cfg.error_buffer))
+        return bool(admitted)
 
     def inserter_may_insert(self, n: int) -> bool:
         """Whether n more inserts keep the rollouts within reach of the learner (counts nothing)."""
@@ -360,6 +359,19 @@ class ReplayQueue:
     def wait_inserter(self, n: int, timeout_s: float, stop: Callable[[], bool] | None = None) -> bool:
         """`inserter_may_insert` until it allows (True), `timeout_s` passes or `stop()` (False)."""
         return _wait(lambda: self.inserter_may_insert(n), timeout_s, stop)
+
+
+# KEYS[1] the counters hash; ARGV n, samples_per_insert, min_size_to_sample, error_buffer.
+_TRY_SAMPLE = """
+local inserted = tonumber(redis.call('HGET', KEYS[1], 'inserted') or '0')
+local sampled = tonumber(redis.call('HGET', KEYS[1], 'sampled') or '0')
+local n = tonumber(ARGV[1])
+if inserted < tonumber(ARGV[3]) or sampled + n - tonumber(ARGV[2]) * inserted > tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], 'sampled', n)
+return 1
+"""
 
 
 def _wait(ready: Callable[[], bool], timeout_s: float, stop: Callable[[], bool] | None) -> bool:
