@@ -88,14 +88,16 @@ class ServiceProcesses:
     """Model services (`models`) as `.venv/bin/rise serve <name> --config <yaml>` child processes,
     torch threads 1 each, on free ports of 127.0.0.1."""
 
-    def __init__(self, store: Path, logs: Path, models: tuple[str, ...] = MODELS):
+    def __init__(self, store: Path, logs: Path, models: tuple[str, ...] = MODELS, extra: dict[str, str] | None = None):
+        """`extra`: more YAML for a model's service config, e.g. {"dynamics": "pin: {learned: v0002}"}."""
         self.urls, self.procs, self.logs = {}, {}, logs
         logs.mkdir(parents=True, exist_ok=True)
         rise = Path(sys.executable).parent / "rise"
         for name in models:
             port = free_port()
             config = logs / f"{name}.yaml"
-            config.write_text(f"registry_root: {store}\ntorch_threads: 1\nserver:\n  port: {port}\n  log_json: false\n")
+            config.write_text(f"registry_root: {store}\ntorch_threads: 1\nserver:\n  port: {port}\n  log_json: false\n"
+                              + (extra or {}).get(name, "") + "\n")
             with open(logs / f"{name}.log", "w") as log:
                 self.procs[name] = subprocess.Popen([str(rise), "serve", name, "--config", str(config)], cwd=ROOT,
                                                     stdout=log, stderr=subprocess.STDOUT)

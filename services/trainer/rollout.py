@@ -90,8 +90,11 @@ class StartStates:
         self.frames = np.arange(len(episodes))
 
     def draw(self, rng: np.random.Generator) -> ImaginedEpisode:
+        return self.at(int(rng.choice(self.frames)))
+
+    def at(self, g: int) -> ImaginedEpisode:
+        """The start at global frame `g` of the offline data."""
         e, shape = self.episodes, self.shape
-        g = int(rng.choice(self.frames))
         episode = int(e.frame_episode[g])
         first = int(e.episode_starts[episode])
         back = np.maximum(g - np.arange(shape.history)[::-1] * shape.stride, first)

@@ -1,0 +1,183 @@
+"""Does the learned world model give the trainer the advantages the simulator would? (issue 7)
+
+RISE learns from A = clamp(5 * mean(V(imagined) - V(now)), -1, 1). If the learned dynamics model
+imagines the wrong future, A is noise and RL in imagination cannot beat the offline policy, however
+well the rest works. This measures that link directly, through the same services the trainer uses:
+
+    for N real starts of a dataset (fixed seed):
+        chunk     = policy.act(now, best bin)                          (the RL start policy)
+        A_oracle  = value(oracle.imagine(chunk))     the simulator restored to the recorded state
+        A_learned = value(learned.imagine(chunk))    the world model under test
+        A_control = value(learned.imagine(another start's chunk))      does the model follow actions?
+
+and reports how well A_learned tracks A_oracle (correlation, sign, bins), against the control, plus
+the spread of A_oracle itself (if even perfect imagination gives near-constant advantages, the
+value model or the advantage scale is the bottleneck, not the world model).
+
+    .venv/bin/python bench/advantage_agreement.py --store runs/table/push/store \
+        --data runs/table/push/data-labelled --dynamics <learned version> --starts 96
+
+Writes bench/advantage_agreement.json and .png (scatter of A_learned and A_control vs A_oracle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, ServiceProcesses, machine  # noqa: E402
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    rank = lambda x: np.argsort(np.argsort(x)).astype(float)  # noqa: E731  (ties are rare: continuous values)
+    return _pearson(rank(a), rank(b))
+
+
+def agreement(oracle: np.ndarray, other: np.ndarray, oracle_bins: np.ndarray, other_bins: np.ndarray) -> dict:
+    """How well `other` advantages track the oracle's."""
+    moving = np.abs(oracle) >= 0.1  # sign agreement where the oracle says the chunk clearly helps or hurts
+    return {"pearson": round(_pearson(oracle, other), 3), "spearman": round(_spearman(oracle, other), 3),
+            "sign_agreement": round(float(np.mean(np.sign(oracle[moving]) == np.sign(other[moving]))), 3)
+            if moving.any() else None, "clear_oracle_signs": int(moving.sum()),
+            "mean_abs_error": round(float(np.mean(np.abs(oracle - other))), 3),
+            "bins_equal": round(float(np.mean(oracle_bins == other_bins)), 3),
+            "bins_within_1": round(float(np.mean(np.abs(oracle_bins - other_bins) <= 1)), 3)}
+
+
+async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
+                  batch: int, seed: int, scale: float) -> dict:
+    from rise.data.loading import load_episodes_in_memory
+    from rise.embodiment import PRESETS
+    from rise.transport import connect_dynamics, connect_policy, connect_value
+    from services.trainer.rollout import advantage, dynamics_shape, start_states
+
+    emb = PRESETS["metaworld"]
+    episodes = load_episodes_in_memory([data], emb)
+    shapes = {name: dynamics_shape(registry, ref, emb.chunk_length) for name, ref in (("learned", learned), ("oracle", oracle))}
+    begin = {name: start_states(episodes, shape) for name, shape in shapes.items()}
+    rng = np.random.default_rng(seed)
+    frames = rng.choice(len(episodes), size=starts, replace=False)
+    out = {k: [] for k in ("oracle", "learned", "control", "v_now", "psnr")}
+    async with connect_policy(urls["policy"]) as pol, connect_dynamics(urls["dynamics"]) as dyn, \
+            connect_value(urls["value"]) as val:
+        for i in range(0, starts, batch):
+            g = [int(x) for x in frames[i:i + batch]]
+            starts_by = {name: [begin[name].at(x) for x in g] for name in shapes}
+            ref = starts_by["learned"]
+            views = list(ref[0].history)
+            now = {v: np.stack([s.history[v][-1] for s in ref]) for v in views}
+            states = np.stack([s.state for s in ref]).astype(np.float32)
+            tasks = [s.task for s in ref]
+            call_seed = int(rng.integers(1, 2**62))
+            chunks = await pol.act(now, states, tasks, [10], seed=call_seed, version=policy, timeout_s=300)
+            shuffled = np.roll(chunks.actions, 1, axis=0)  # each start gets its neighbour's chunk
+
+            async def imagine(name: str, actions: np.ndarray):
+                s = starts_by[name]
+                history = {v: np.stack([x.history[v] for x in s]) for v in views}
+                sims = [x.sim_state for x in s] if shapes[name].needs_sim_state else None
+                return await dyn.imagine(history, actions, 0, call_seed, version=learned if name == "learned" else oracle,
+                                         tasks=tasks, sim_states=sims, timeout_s=600)
+
+            imagined = {"oracle": await imagine("oracle", chunks.actions), "learned": await imagine("learned", chunks.actions),
+                        "control": await imagine("learned", shuffled)}
+            for name, result in imagined.items():
+                scored = {v: np.concatenate([now[v][:, None], result.frames[v]], axis=1) for v in views}
+                values = np.asarray((await val.score(scored, tasks, version=value, timeout_s=300)).values, np.float32)
+                out[name].append(values)
+            # image error of the learned model against the simulator, on the frames both produced (last one)
+            for b in range(len(g)):
+                errors = [np.mean((imagined["learned"].frames[v][b, -1].astype(float)
+                                   - imagined["oracle"].frames[v][b, -1].astype(float)) ** 2) for v in views]
+                out["psnr"].append(float(10 * np.log10(255.0 ** 2 / max(np.mean(errors), 1e-9))))
+            print(f"  {min(i + batch, starts)}/{starts} starts", file=sys.stderr)
+
+    adv, bins = {}, {}
+    for name in ("oracle", "learned", "control"):
+        values = np.concatenate(out[name])
+        adv[name], bins[name] = advantage(values[:, 0], values[:, 1:], scale)
+    result = {
+        "starts": starts, "advantage_scale": scale,
+        "oracle_advantage": {"mean": round(float(adv["oracle"].mean()), 3), "std": round(float(adv["oracle"].std()), 3),
+                             "bins": np.bincount(bins["oracle"], minlength=11)[1:].tolist()},
+        "learned_advantage": {"mean": round(float(adv["learned"].mean()), 3), "std": round(float(adv["learned"].std()), 3),
+                              "bins": np.bincount(bins["learned"], minlength=11)[1:].tolist()},
+        "learned_vs_oracle": agreement(adv["oracle"], adv["learned"], bins["oracle"], bins["learned"]),
+        "control_vs_oracle": agreement(adv["oracle"], adv["control"], bins["oracle"], bins["control"]),
+        "learned_vs_control": {"pearson": round(_pearson(adv["learned"], adv["control"]), 3)},
+        "psnr_learned_vs_oracle_last_frame_db": round(float(np.mean(out["psnr"])), 2),
+    }
+    return result, adv
+
+
+def plot(path: Path, adv: dict, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, name, color in ((axes[0], "learned", "tab:blue"), (axes[1], "control", "tab:gray")):
+        ax.scatter(adv["oracle"], adv[name], s=12, alpha=0.7, color=color)
+        ax.plot([-1, 1], [-1, 1], "k--", lw=0.8)
+        r = result[f"{name}_vs_oracle"]
+        ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel="A from the simulator (oracle dynamics)",
+               ylabel=f"A from the learned model ({'real chunk' if name == 'learned' else 'shuffled chunk'})",
+               title=f"{name}: Pearson {r['pearson']}, bins within 1: {r['bins_within_1']:.0%}")
+    fig.suptitle(f"Imagined advantages vs the simulator's, {result['starts']} real starts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(
+    store: Path = typer.Option(..., help="Registry with the RL start policy, the value model and the learned dynamics."),
+    data: Path = typer.Option(..., help="LeRobot dataset with recorded simulator states (the starts)."),
+    dynamics: str = typer.Option(..., help="Version (or alias) of the learned dynamics model."),
+    policy: str = typer.Option("stable", help="Policy version or alias (the RL start policy)."),
+    value: str = typer.Option("stable", help="Value version or alias."),
+    starts: int = typer.Option(96, min=2),
+    batch: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    scale: float = typer.Option(5.0, help="The trainer's rollout.advantage_scale."),
+    out: Path = typer.Option(ROOT / "bench" / "advantage_agreement.json"),
+) -> None:
+    from rise.baselines import publish_oracle_dynamics
+    from rise.embodiment import PRESETS
+    from rise.registry import Registry
+    from services.dynamics.oracle import KIND as ORACLE_KIND
+
+    registry = Registry(store)
+    emb = PRESETS["metaworld"]
+    oracles = [v for v in registry.versions("dynamics") if registry.manifest("dynamics", v).kind == ORACLE_KIND]
+    oracle = oracles[-1] if oracles else publish_oracle_dynamics(registry, emb).version
+    learned, policy_v, value_v = (registry.resolve(m, r) for m, r in (("dynamics", dynamics), ("policy", policy), ("value", value)))
+    info = machine()
+    # Each service loads exactly the versions measured (pins: the registry's aliases stay as they are).
+    services = ServiceProcesses(store, out.parent / "advantage_agreement_logs", extra={
+        "policy": f"preload: []\npin: {{measured: {policy_v}}}", "value": f"preload: []\npin: {{measured: {value_v}}}",
+        "dynamics": f"preload: []\npin: {{learned: {learned}, oracle: {oracle}}}"})
+    try:
+        asyncio.run(services.wait_ready())
+        result, adv = asyncio.run(measure(services.urls, registry, data, learned, oracle, policy_v, value_v, starts,
+                                          batch, seed, scale))
+    finally:
+        services.stop()
+    result = {"machine": info, "store": str(store), "data": str(data), "versions": {
+        "policy": policy_v, "value": value_v, "learned_dynamics": learned, "oracle_dynamics": oracle}, **result}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(out.with_suffix(".png"), adv, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(main)
