@@ -5,6 +5,7 @@
 #   sudo scripts/compose_smoke.sh            # a first run takes 20-40 min on 2 cores (see bench/RESULTS.md)
 #   scripts/compose_smoke.sh --keep          # leave the stack and dockerd running afterwards
 #   scripts/compose_smoke.sh --down          # stop a kept stack and its dockerd
+#   SMOKE_BUILD=0 scripts/compose_smoke.sh   # reuse the images of the last run (no rebuild)
 #
 # This machine's constraints, and how they are met:
 # - Debian's docker.io runs as `dockerd --bridge=none --iptables=false --storage-driver vfs`
@@ -33,7 +34,10 @@ RL_STEPS=${SMOKE_RL_STEPS:-12}
 DOCKER=/usr/bin/docker  # Debian's client, the daemon's version
 export DOCKER_HOST="unix://$WORK/docker/docker.sock"
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
+# vfs copies the whole image (7 GB) to create a container: longer than compose's 60 s API timeout.
+export COMPOSE_HTTP_TIMEOUT=900
 KEEP=0
+BUILD=${SMOKE_BUILD:-1}
 case "${1:-}" in
   --keep) KEEP=1 ;;
   --down) MODE=down ;;
@@ -49,8 +53,8 @@ phase() { PHASE[$1]=$(( $(date +%s) - $2 )); log "$1 took ${PHASE[$1]} s"; }
 # Builds read a frozen copy of the tree: others may edit it meanwhile, and one image's cache must
 # serve the next.
 CTX="$WORK/context"
-compose() {
-  docker-compose -p "$PROJECT" -f "$CTX/docker-compose.yml" -f "$WORK/compose.smoke.yml" "$@"
+compose() {  # the project's compose file without published ports (see "the smoke override" below)
+  docker-compose -p "$PROJECT" -f "$CTX/docker-compose.smoke-base.yml" -f "$WORK/compose.smoke.yml" "$@"
 }
 
 dockerd_up() { $DOCKER info >/dev/null 2>&1; }
@@ -138,7 +142,7 @@ mkdir -p "$WORK/wheelhouse"
 python3 "$CTX/docker/lock_subset.py" --extras ml,data,triton "$CTX/requirements.lock" >"$WORK/req-services.txt"
 python3 "$CTX/docker/lock_subset.py" --extras agent "$CTX/requirements.lock" >"$WORK/req-agent.txt"
 stamp=$(cat "$WORK/req-services.txt" "$WORK/req-agent.txt" | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$WORK/wheelhouse/.complete" 2>/dev/null)" != "$stamp" ]; then
+if [ "$BUILD" = 1 ] && [ "$(cat "$WORK/wheelhouse/.complete" 2>/dev/null)" != "$stamp" ]; then
 log "pip download (hash-checked) into $WORK/wheelhouse"
 # Every glibc a wheel may ask for up to bookworm's 2.36 (the CUDA wheels use 2_25 and 2_27).
 PLATFORMS=$(for v in $(seq 17 36); do printf -- '--platform manylinux_2_%s_x86_64 ' "$v"; done)
@@ -154,6 +158,15 @@ WHEEL_SERVER=$!
 phase wheelhouse "$t"
 
 # ---- the smoke override: host networking, local base image, the wheelhouse -----------------------
+# Host networking cannot publish ports, and an override file can add `ports:` but not remove them:
+# the stack runs from a copy of docker-compose.yml without them (beside it, so build contexts hold).
+"$ROOT/.venv/bin/python" - "$CTX/docker-compose.yml" "$CTX/docker-compose.smoke-base.yml" <<'EOF'
+import sys, yaml
+compose = yaml.safe_load(open(sys.argv[1]))
+for service in compose["services"].values():
+    service.pop("ports", None)
+yaml.safe_dump(compose, open(sys.argv[2], "w"), sort_keys=False)
+EOF
 svc_build() {  # the build section of one service: SERVICE=$1
   cat <<EOF
     build:
@@ -193,13 +206,16 @@ compose config -q
 
 # ---- build -------------------------------------------------------------------------------------------
 t=$(date +%s)
+if [ "$BUILD" = 1 ]; then
 log "building the service images (first build: the locked environment, then cache hits)"
 compose build policy >"$WORK/build-policy.log" 2>&1 || { tail -40 "$WORK/build-policy.log" >&2; exit 1; }
 compose build value dynamics trainer init >"$WORK/build-others.log" 2>&1 || { tail -40 "$WORK/build-others.log" >&2; exit 1; }
+fi
 phase build_services "$t"
 t=$(date +%s)
 AGENT="skipped: robot_agent/ is not in the tree"
-if [ -d "$CTX/robot_agent" ]; then
+[ "$BUILD" = 1 ] || AGENT="not rebuilt (SMOKE_BUILD=0): the last run's image"
+if [ "$BUILD" = 1 ] && [ -d "$CTX/robot_agent" ]; then
   if $DOCKER build --network host -f "$CTX/docker/agent.Dockerfile" -t rise-agent:smoke \
        --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg SYSTEM_PACKAGES= --build-arg PIP_NO_INDEX=1 \
        --build-arg PIP_FIND_LINKS="http://127.0.0.1:$WHEEL_PORT/" "$CTX" >"$WORK/build-agent.log" 2>&1; then
@@ -211,11 +227,26 @@ fi
 phase build_agent "$t"
 kill "$WHEEL_SERVER" 2>/dev/null || true
 WHEEL_SERVER=""
+# vfs stores every layer as a whole copy and every container as one more: the build stages'
+# images (~20 GB here: the 6.6 GB environment in three layers) go before five containers copy the
+# service image again. The next build then starts over (SMOKE_BUILD=0 reuses the images instead).
+[ "$BUILD" = 1 ] && $DOCKER image prune -f >/dev/null
 
 # ---- up ------------------------------------------------------------------------------------------------
+# In the order `docker-compose up` follows (redis, init, the model services once init succeeded,
+# the trainer once they are healthy), step by step: vfs makes every container a whole copy of its
+# image (7 GB), so the finished init container is removed before the next four are created.
 t=$(date +%s)
-log "docker-compose up -d (init fills the model store first)"
-compose up -d >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; compose logs --tail 50 >&2; exit 1; }
+log "docker-compose up -d redis init (init fills the model store)"
+compose up -d redis init >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; compose logs --tail 50 >&2; exit 1; }
+init_code=$($DOCKER wait "$(compose ps -q init)")
+compose logs --no-color init >"$WORK/init.log" 2>&1 || true
+[ "$init_code" = 0 ] || { log "init exited with $init_code"; tail -40 "$WORK/init.log" >&2; exit 1; }
+compose rm -f init >/dev/null
+phase init "$t"
+t=$(date +%s)
+log "docker-compose up -d policy value dynamics"
+compose up -d --no-deps policy value dynamics >>"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; compose logs --tail 50 >&2; exit 1; }
 phase up "$t"
 
 status_of() { $DOCKER inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null; }
@@ -236,6 +267,7 @@ done
 log "health from the host: $HEALTH"
 
 t=$(date +%s)
+compose up -d --no-deps trainer >>"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; exit 1; }
 tid=$(compose ps -q trainer)
 log "waiting for the trainer run ($RL_STEPS learner steps of RL in imagination)"
 code=$($DOCKER wait "$tid")
