@@ -10,12 +10,14 @@ well the rest works. This measures that link directly, through the same services
         A_learned = value(learned.imagine(chunk))    the world model under test
         A_control = value(learned.imagine(another start's chunk))      does the model follow actions?
 
-and reports how well A_learned tracks A_oracle (correlation, sign, bins), against the control, plus
+and reports how well A_learned tracks A_oracle (correlation, sign, bins), against the control, how
+well the learned model ranks two chunks from one start like the simulator does (the action effect
+A(chunk) - A(other chunk), which is what the advantage prompt needs), plus
 the spread of A_oracle itself (if even perfect imagination gives near-constant advantages, the
 value model or the advantage scale is the bottleneck, not the world model).
 
     .venv/bin/python bench/advantage_agreement.py --store runs/table/push/store \
-        --data runs/table/push/data-labelled --dynamics <learned version> --starts 96
+        --data runs/table/push/data --dynamics v0001 --policy v0002 --value v0001 --starts 96
 
 Writes bench/advantage_agreement.json and .png (scatter of A_learned and A_control vs A_oracle).
 """
@@ -67,7 +69,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
     begin = {name: start_states(episodes, shape) for name, shape in shapes.items()}
     rng = np.random.default_rng(seed)
     frames = rng.choice(len(episodes), size=starts, replace=False)
-    out = {k: [] for k in ("oracle", "learned", "control", "v_now", "psnr")}
+    out = {k: [] for k in ("oracle", "learned", "control", "oracle_control", "psnr")}
     async with connect_policy(urls["policy"]) as pol, connect_dynamics(urls["dynamics"]) as dyn, \
             connect_value(urls["value"]) as val:
         for i in range(0, starts, batch):
@@ -90,7 +92,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
                                          tasks=tasks, sim_states=sims, timeout_s=600)
 
             imagined = {"oracle": await imagine("oracle", chunks.actions), "learned": await imagine("learned", chunks.actions),
-                        "control": await imagine("learned", shuffled)}
+                        "control": await imagine("learned", shuffled), "oracle_control": await imagine("oracle", shuffled)}
             for name, result in imagined.items():
                 scored = {v: np.concatenate([now[v][:, None], result.frames[v]], axis=1) for v in views}
                 values = np.asarray((await val.score(scored, tasks, version=value, timeout_s=300)).values, np.float32)
@@ -103,9 +105,12 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
             print(f"  {min(i + batch, starts)}/{starts} starts", file=sys.stderr)
 
     adv, bins = {}, {}
-    for name in ("oracle", "learned", "control"):
+    for name in ("oracle", "learned", "control", "oracle_control"):
         values = np.concatenate(out[name])
         adv[name], bins[name] = advantage(values[:, 0], values[:, 1:], scale)
+    # What RL in imagination needs: which of two chunks from the same start is better. The action
+    # effect is A(chunk) - A(another chunk) at one start; does the learned model's match the simulator's?
+    effect = {"oracle": adv["oracle"] - adv["oracle_control"], "learned": adv["learned"] - adv["control"]}
     result = {
         "starts": starts, "advantage_scale": scale,
         "oracle_advantage": {"mean": round(float(adv["oracle"].mean()), 3), "std": round(float(adv["oracle"].std()), 3),
@@ -115,8 +120,14 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
         "learned_vs_oracle": agreement(adv["oracle"], adv["learned"], bins["oracle"], bins["learned"]),
         "control_vs_oracle": agreement(adv["oracle"], adv["control"], bins["oracle"], bins["control"]),
         "learned_vs_control": {"pearson": round(_pearson(adv["learned"], adv["control"]), 3)},
+        "oracle_vs_oracle_control": {"pearson": round(_pearson(adv["oracle"], adv["oracle_control"]), 3)},
+        "action_effect": {"oracle_std": round(float(effect["oracle"].std()), 3),
+                          "learned_std": round(float(effect["learned"].std()), 3),
+                          "pearson": round(_pearson(effect["oracle"], effect["learned"]), 3),
+                          "sign_agreement": round(float(np.mean(np.sign(effect["oracle"]) == np.sign(effect["learned"]))), 3)},
         "psnr_learned_vs_oracle_last_frame_db": round(float(np.mean(out["psnr"])), 2),
     }
+    adv["effect_oracle"], adv["effect_learned"] = effect["oracle"], effect["learned"]
     return result, adv
 
 
@@ -126,7 +137,7 @@ def plot(path: Path, adv: dict, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, name, color in ((axes[0], "learned", "tab:blue"), (axes[1], "control", "tab:gray")):
         ax.scatter(adv["oracle"], adv[name], s=12, alpha=0.7, color=color)
         ax.plot([-1, 1], [-1, 1], "k--", lw=0.8)
@@ -134,6 +145,11 @@ def plot(path: Path, adv: dict, result: dict) -> None:
         ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel="A from the simulator (oracle dynamics)",
                ylabel=f"A from the learned model ({'real chunk' if name == 'learned' else 'shuffled chunk'})",
                title=f"{name}: Pearson {r['pearson']}, bins within 1: {r['bins_within_1']:.0%}")
+    e = result["action_effect"]
+    axes[2].scatter(adv["effect_oracle"], adv["effect_learned"], s=12, alpha=0.7, color="tab:red")
+    axes[2].plot([-2, 2], [-2, 2], "k--", lw=0.8)
+    axes[2].set(xlim=(-1.5, 1.5), ylim=(-1.5, 1.5), xlabel="action effect in the simulator: A(chunk) - A(other chunk)",
+                ylabel="action effect in the learned model", title=f"action effects: Pearson {e['pearson']}")
     fig.suptitle(f"Imagined advantages vs the simulator's, {result['starts']} real starts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
