@@ -179,7 +179,7 @@ def main(
     learned, policy_v, value_v = (registry.resolve(m, r) for m, r in (("dynamics", dynamics), ("policy", policy), ("value", value)))
     info = machine()
     # Each service loads exactly the versions measured (pins: the registry's aliases stay as they are).
-    services = ServiceProcesses(store, out.parent / "advantage_agreement_logs", extra={
+    services = ServiceProcesses(store, ROOT / "runs" / "advantage_agreement_logs", extra={
         "policy": f"preload: []\npin: {{measured: {policy_v}}}", "value": f"preload: []\npin: {{measured: {value_v}}}",
         "dynamics": f"preload: []\npin: {{learned: {learned}, oracle: {oracle}}}"})
     try:
