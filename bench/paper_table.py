@@ -393,7 +393,11 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
     state = State(out / "state.json")
-    if (before := state.done("config")) is not None and {**LEGACY_CONFIG, **before} != cfg:
+    # What to run (methods, sweep ratios, curves) may grow on a resumed table: every stage is keyed
+    # by its own name, so finished ones stay valid. Everything else shapes the stages: it must match.
+    what_to_run = ("methods", "offline_ratios", "curve_episodes")
+    same = lambda c: {k: v for k, v in c.items() if k not in what_to_run}  # noqa: E731
+    if (before := state.done("config")) is not None and same({**LEGACY_CONFIG, **before}) != same(cfg):
         raise typer.BadParameter(f"{out} was started with another config ({before}); use a new --out")
     state.record("config", cfg)
     task_list = tasks.split(",")

@@ -147,8 +147,8 @@ class ModelHost:
         """Load and route the registry's aliases named in `preload` (missing ones are skipped), and
         the `pin`ned aliases to their versions (a pin that does not resolve fails the start)."""
         pin = pin or {}
-        stored = {**self.registry.aliases(self.model_name),
-                  **{alias: self.registry.resolve(self.model_name, ref) for alias, ref in pin.items()}}
+        registry_aliases = self.registry.aliases(self.model_name)
+        stored = {**registry_aliases, **{alias: self.registry.resolve(self.model_name, ref) for alias, ref in pin.items()}}
         for alias in dict.fromkeys([*preload, *pin]):
             if alias not in stored:
                 log.warning("alias not in registry, not preloaded", extra={"fields": {"model": self.model_name, "alias": alias}})
@@ -164,7 +164,7 @@ class ModelHost:
                 self._aliases = {**self._aliases, alias: loaded.version}
             if alias in pin:
                 log.info("alias pinned", extra={"fields": {"model": self.model_name, "alias": alias, "version": loaded.version,
-                                                           "registry": self.registry.aliases(self.model_name).get(alias, "")}})
+                                                           "registry": registry_aliases.get(alias, "")}})
 
     def loaded_versions(self) -> dict[str, LoadedModel]:
         return self._loaded

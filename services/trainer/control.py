@@ -18,18 +18,19 @@ from typing import Any, Optional
 import typer
 import yaml
 
-ENDED = ("RUN_STATE_STOPPED", "RUN_STATE_SUCCEEDED", "RUN_STATE_FAILED")
+ENDED = ("stopped", "succeeded", "failed")
 
 
 def state_name(status) -> str:
+    """RUN_STATE_STOPPED -> "stopped"."""
     from rise.proto.v1 import trainer_pb2
 
-    return trainer_pb2.RunState.Name(status.state)
+    return trainer_pb2.RunState.Name(status.state).removeprefix("RUN_STATE_").lower()
 
 
 def status_dict(status) -> dict[str, Any]:
     """A RunStatus as plain JSON-able values (the config left out: `rise run status --config` prints it)."""
-    return {"run_id": status.run_id, "state": state_name(status).removeprefix("RUN_STATE_").lower(),
+    return {"run_id": status.run_id, "state": state_name(status),
             "learner_step": status.learner_step, "imagined_samples": status.imagined_samples,
             "policy_version": status.policy_version, "message": status.message,
             "metrics": {k: round(v, 6) for k, v in sorted(status.metrics.items())},
@@ -63,8 +64,7 @@ async def watch_run(stub, run_id: str, console=None, label: str = "RL in imagina
             m = status.metrics
             bar.update(job, completed=status.learner_step, info=(
                 f"{status.imagined_samples} imagined ({m.get('imagined_per_s', 0.0):.1f}/s), "
-                f"loss {m.get('loss', float('nan')):.3f}, policy {status.policy_version or '-'}, "
-                f"{state_name(status).removeprefix('RUN_STATE_').lower()}"))
+                f"loss {m.get('loss', float('nan')):.3f}, policy {status.policy_version or '-'}, {state_name(status)}"))
     return await stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30)
 
 
@@ -101,6 +101,9 @@ def _call(trainer: str, tls_ca: Path | None, token_file: Path | None, work) -> A
     except grpc.aio.AioRpcError as exc:
         typer.echo(f"{trainer}: {exc.code().name}: {exc.details()}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # watching stops here; the run goes on on the trainer
+        typer.echo("detached: the run goes on (rise run watch / status / stop)", err=True)
+        raise typer.Exit(130) from None
 
 
 def register(run_app: typer.Typer) -> None:
@@ -113,7 +116,7 @@ def register(run_app: typer.Typer) -> None:
 
     def finish(status) -> None:
         typer.echo(json.dumps(status_dict(status)))
-        if state_name(status) == "RUN_STATE_FAILED":
+        if state_name(status) == "failed":
             raise typer.Exit(1)
 
     @run_app.command("start")
