@@ -231,7 +231,7 @@ def test_a_fleet_worker_joins_a_running_trainer_and_its_samples_are_consumed(sto
 
     # The trainer's own rollouts stop after 4 samples; the rest of the run's stream is the worker's.
     config = _config(store, services, tmp_path, **{
-        "replay.url": REDIS_URL, "replay.min_size_to_sample": "2", "rollout.workers": "2", "rollout.max_samples": "4",
+        "replay.url": REDIS_URL, "replay.min_size_to_sample": "2", "rollout.workers": "2", "rollout.group_size": "2", "rollout.max_samples": "4",
         "learner.steps": "1000", "learner.batch_size": "4", "learner.offline_ratio": "0.5",
         "learner.publish_every": "4", "learner.replay_wait_s": "0.5"})
     replay = ReplayQueue(config.replay, f"{config.replay.stream}:fleet")

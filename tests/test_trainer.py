@@ -371,3 +371,57 @@ def test_the_learner_starts_from_a_policy_with_the_frozen_minilm_text_encoder(st
     trained = [name for name, p in learner.model.named_parameters() if p.requires_grad]
     assert trained and [n for n, _ in learner.ema.named_parameters()] == [n for n, _ in learner.model.named_parameters()]
     replay.delete()
+
+
+def test_group_advantages_rank_the_chunks_of_one_start_whatever_the_start_is_worth():
+    """Absolute advantages say "easy start"; group-relative ones say which chunk of that start was better."""
+    from services.trainer.rollout import BIN_EDGES, advantage
+
+    current = np.array([0.8] * 4 + [0.1] * 4, np.float32)  # an easy start, then a hard one
+    gains = np.array([0.30, 0.31, 0.32, 0.33, -0.12, -0.10, -0.08, -0.06], np.float32)
+    imagined = (current + gains)[:, None] + np.zeros((1, 3), np.float32)
+
+    absolute, absolute_bins = advantage(current, imagined, 5.0, group_size=1)
+    np.testing.assert_allclose(absolute, np.clip(5.0 * gains, -1, 1), atol=1e-6)  # the reference's formula
+    assert np.array_equal(absolute_bins, np.digitize(absolute, BIN_EDGES))
+    assert set(absolute_bins[:4]) == {10} and max(absolute_bins[4:]) <= 5  # start decides, action does not
+
+    relative, bins = advantage(current, imagined, 5.0, group_size=4)
+    np.testing.assert_allclose(relative[:4], relative[4:], atol=1e-4)  # same ranking in both starts
+    assert np.all(np.diff(relative[:4]) > 0) and abs(relative[:4].mean()) < 1e-6
+    assert bins[0] < bins[3] and bins[3] >= 9 and bins[0] <= 2
+    same, same_bins = advantage(current[:4], np.full((4, 3), 0.9, np.float32), 5.0, group_size=4)
+    assert np.all(same == 0) and set(same_bins) == {6}  # nothing to tell apart: the middle bin
+
+
+def test_a_rollout_group_shares_its_start_chains_in_step_and_restarts_together(store, services, tmp_path):
+    from rise.data.loading import load_episodes_in_memory
+    from services.trainer.replay import decode_sample
+    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
+
+    with pytest.raises(ValueError, match="multiple of rollout.group_size"):
+        _config(store, services, tmp_path, **{"rollout.workers": "6", "rollout.group_size": "4"})
+    config = _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
+                                                    "rollout.max_chain": "2", "rollout.policy_version": "stable"})
+    folder, registry = store
+    episodes = load_episodes_in_memory(folder / "data", EMB)
+    starts = start_states(episodes, dynamics_shape(registry, "stable", EMB.chunk_length))
+
+    async def rounds(n: int):
+        clients = await open_clients(config.services)
+        try:
+            rollouts = Rollouts(config.rollout, config.services, clients, starts, "group-test", seed=3)
+            return [[decode_sample(p) for p in await rollouts.round(frame_encoding="raw")] for _ in range(n)]
+        finally:
+            for client in clients:
+                await client.close()
+
+    samples = asyncio.run(rounds(3))
+    assert [[s.chain_index for s in r] for r in samples] == [[0] * 4, [1] * 4, [0] * 4]
+    first = samples[0]
+    for a, b in ((0, 1), (2, 3)):  # a group: one start (frames and state), different chunks
+        assert all(np.array_equal(first[a].views[v], first[b].views[v]) for v in EMB.views)
+        assert np.array_equal(first[a].state, first[b].state)
+        assert not np.allclose(first[a].actions, first[b].actions)
+    # Persistence dynamics imagines no change: every chunk of a start is worth the same -> middle bin.
+    assert {s.advantage_bin for r in samples for s in r} == {6}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rise.config import StrictModel
 from rise.serving import ClientConfig
@@ -59,8 +59,14 @@ class RolloutConfig(StrictModel):
     policy_version: str = "candidate"
     # The prompt: the best advantage bin.
     advantage_bin: int = Field(10, ge=1, le=10)
-    # A = clamp(scale * mean(V(imagined) - V(current)), -1, 1).
+    # A = clamp(scale * mean(V(imagined) - V(current)), -1, 1) (the reference's, with group_size 1).
     advantage_scale: float = 5.0
+    # Workers per real start: each group of `group_size` workers starts from the same state, and a
+    # chunk's advantage is its value gain relative to its group, in group standard deviations
+    # (clamped to [-1, 1]). Why: measured on push, the reference's absolute advantage is mostly
+    # set by the start state (r 0.86 between two chunks from one start, even in the simulator),
+    # so its bins say "easy state", not "good action". 1 = the reference's absolute advantage.
+    group_size: int = Field(4, ge=1)
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)
@@ -68,6 +74,13 @@ class RolloutConfig(StrictModel):
     value_version: str = ""
     # Stop after this many imagined samples (0 = until the learner is done).
     max_samples: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "RolloutConfig":
+        if self.workers % self.group_size:
+            raise ValueError(f"rollout.workers ({self.workers}) must be a multiple of rollout.group_size "
+                             f"({self.group_size}): every start is rolled out by a whole group")
+        return self
 
 
 class LearnerConfig(StrictModel):

@@ -8,6 +8,8 @@ batched call per service (the services see batches, not a trickle of single requ
     value.score([current frame, imagined frames])             -> V
     A = clamp(5 * mean(V(imagined) - V(current)), -1, 1), bin = digitize(A)   -> replay stream
 
+Workers come in groups of `group_size` that start from the same real state; with groups, a
+chunk's advantage is its value gain relative to the other chunks of its group (see `advantage`).
 A worker chains at most `max_chain` imagined chunks (errors pile up in generated video), then
 restarts from a real frame of the offline data. `produce` pushes a round to the replay stream:
 the trainer's own rollout loop (run.py) and the fleet's workers (`rise worker rollout`,
@@ -18,6 +20,7 @@ reads the imagined images).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -33,9 +36,22 @@ from services.trainer.replay import encode_sample
 BIN_EDGES = np.linspace(-1.0, 1.0, 11)[:-1]  # the reference's 10 uniform bins on [-1, 1]
 
 
-def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """V [B], V [B, F] -> (A [B] in [-1, 1], bin [B] in 1..10)."""
-    a = np.clip(scale * (values_imagined - values_current[:, None]).mean(axis=1), -1.0, 1.0)
+def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: float,
+              group_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """V [B], V [B, F] -> (A [B] in [-1, 1], bin [B] in 1..10).
+
+    group_size 1: the reference's A = clamp(scale * mean(V(imagined) - V(current)), -1, 1).
+    group_size G: rows come in groups of G chunks from one start; A is a chunk's value gain minus
+    its group's mean gain, in units of the group's standard deviation (GRPO's baseline), clamped.
+    The start state's own difficulty cancels out, so the bins rank actions, and no scale has to
+    be tuned to a task's value-gain magnitude."""
+    gain = (values_imagined - values_current[:, None]).mean(axis=1)
+    if group_size == 1:
+        a = scale * gain
+    else:
+        groups = gain.reshape(-1, group_size)
+        a = ((groups - groups.mean(axis=1, keepdims=True)) / (groups.std(axis=1, keepdims=True) + 1e-6)).reshape(-1)
+    a = np.clip(a, -1.0, 1.0)
     return a.astype(np.float32), np.digitize(a, BIN_EDGES).astype(np.int64)
 
 
@@ -113,12 +129,17 @@ class Rollouts:
         self.config, self.services, self.starts, self.run_id, self.log = config, services, starts, run_id, log
         self.policy, self.dynamics, self.value = clients
         self.rng = np.random.default_rng([seed, 7])
-        self.workers = [starts.draw(self.rng) for _ in range(config.workers)]
+        self.workers = [w for _ in range(config.workers // config.group_size) for w in self._draw_group()]
         self.rounds = 0
         self.timing_s: dict[str, float] = {"policy": 0.0, "dynamics": 0.0, "value": 0.0, "push": 0.0}
         self.seconds = 0.0  # in rounds and pushes (not waiting for the rate limiter)
         self.pushed = 0
         self.advantages: list[float] = []  # recent ones, for the histogram
+
+    def _draw_group(self) -> list[ImaginedEpisode]:
+        """`group_size` workers at one real start (copies: each goes on with its own imagined frames)."""
+        start = self.starts.draw(self.rng)
+        return [start] + [copy.deepcopy(start) for _ in range(self.config.group_size - 1)]
 
     async def _call(self, what: str, fn):
         s = self.services
@@ -168,7 +189,7 @@ class Rollouts:
             scored, tasks, version=cfg.value_version, timeout_s=timeout))
         t3 = time.perf_counter()
         values = np.asarray(scores.values, np.float32)
-        adv, bins = advantage(values[:, 0], values[:, 1:], cfg.advantage_scale)
+        adv, bins = advantage(values[:, 0], values[:, 1:], cfg.advantage_scale, cfg.group_size)
         timing = {"policy": (t1 - t0) * 1e3, "dynamics": (t2 - t1) * 1e3, "value": (t3 - t2) * 1e3}
         for key, ms in timing.items():
             self.timing_s[key] += ms / 1e3
@@ -182,15 +203,17 @@ class Rollouts:
                 dynamics_version=imagined.version, value_version=scores.version, chain_index=w.chain,
                 value_current=float(values[b, 0]), value_imagined=values[b, 1:].tolist(), timing_ms=timing,
                 run_id=self.run_id, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality))
-            # Move on: chain the imagined frames, or go back to a real start.
+            # Move on: chain the imagined frames, or (below) go back to a real start.
             w.chain += 1
             if w.chain >= cfg.max_chain:
-                workers[b] = self.starts.draw(self.rng)
                 continue
             for v in views:
                 w.history[v] = np.concatenate([w.history[v], imagined.frames[v][b]])[-self.starts.shape.history:]
             if sim_states is not None:
                 w.sim_state = imagined.sim_states[b]
+        for first in range(0, len(workers), cfg.group_size):  # a group's workers chain in step
+            if workers[first].chain >= cfg.max_chain:
+                workers[first:first + cfg.group_size] = self._draw_group()
         return payloads
 
 
