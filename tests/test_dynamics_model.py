@@ -137,3 +137,44 @@ def test_configs_validate_and_paper_has_the_reference_sizes():
         load_model_config("tiny", {"frame_stride": 3})
     with pytest.raises(ConfigError, match="extra"):
         load_model_config("tiny", {"transformer.layers": 3})
+
+
+def test_frame_conditioning_starts_as_the_cross_attention_model_and_then_follows_each_frames_actions(tmp_path):
+    """`action_encoder.frame_conditioning` adds a frame's actions to its tokens' timestep embedding:
+    zero-initialised it changes nothing, trained (here: set) it makes the velocity depend on them."""
+    import torch
+
+    from rise.data.stats import ActionNormalizer
+    from services.dynamics.model import build_model, load_model, load_model_config
+
+    normalizer = ActionNormalizer(np.full(EMB.action_dim, -1, np.float32), np.ones(EMB.action_dim, np.float32))
+    torch.manual_seed(0)
+    plain = build_model(load_model_config("tiny"), normalizer).eval()
+    torch.manual_seed(0)
+    config = load_model_config("tiny", {"action_encoder.frame_conditioning": True})
+    framed = build_model(config, normalizer).eval()
+    missing = framed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["action_encoder.to_frames.weight", "action_encoder.to_frames.bias"]
+
+    g = torch.Generator().manual_seed(1)
+    c, h, w = config.autoencoder.latent_channels, config.latent_height, config.latent_width
+    history = torch.randn(2, len(EMB.views), c, config.history_latent_frames, h, w, generator=g)
+    future = torch.randn(2, len(EMB.views), c, config.future_latent_frames, h, w, generator=g)
+    actions = torch.rand(2, EMB.chunk_length, EMB.action_dim, generator=g) * 2 - 1
+    late = actions.clone()
+    late[:, EMB.chunk_length // 2:] *= -1  # only the last future frame's actions differ
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        v = lambda model, a: model.velocity(history, future, t, model.encode_actions(a))  # noqa: E731
+        torch.testing.assert_close(v(framed, actions), v(plain, actions), rtol=0, atol=1e-5)  # same model
+        torch.nn.init.normal_(framed.action_encoder.to_frames.weight, std=0.5)
+        conditioning = framed.frame_condition(framed.encode_actions(actions), config.history_latent_frames,
+                                              config.future_latent_frames)
+        per_frame = conditioning.reshape(2, len(EMB.views), -1, config.tokens_per_frame, conditioning.shape[-1])
+        assert per_frame.shape[2] == config.history_latent_frames + config.future_latent_frames
+        assert torch.all(per_frame[:, :, :config.history_latent_frames] == 0)  # history: no action yet
+        assert not torch.equal(v(framed, actions), v(plain, actions))
+        assert not torch.equal(v(framed, late), v(framed, actions))
+        assert framed.transformer.time_embed.token_condition is None  # set only around one call
+        reloaded = load_model(framed.save(tmp_path / "framed"))
+        torch.testing.assert_close(v(reloaded, actions), v(framed, actions), rtol=0, atol=1e-5)

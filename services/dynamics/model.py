@@ -129,6 +129,11 @@ class ActionEncoderConfig(StrictModel):
     num_layers: int = Field(6, gt=0)
     width: int = Field(1024, gt=0)
     num_heads: int = Field(16, gt=0)
+    # Also add each future frame's own actions to the timestep embedding of that frame's tokens
+    # (adaptive norm in every block, as DiT conditions on a class), besides cross-attention to all
+    # action tokens (the reference's only path). Measured on push: cross-attention alone left
+    # the small model's imagined motion half as action-dependent as the simulator's.
+    frame_conditioning: bool = False
 
 
 class AutoencoderTraining(StrictModel):
@@ -265,10 +270,18 @@ def _modules():
         Same parameters and outputs as AdaLayerNormSingle (a pretrained LTX checkpoint loads as is).
         """
 
+        # Per-token conditioning [B, N, width] added to the timestep embedding, set by
+        # DynamicsModel.velocity around one transformer call (the transformer's forward has no
+        # argument for it); None: LTX's own embedding.
+        token_condition = None
+
         def forward(self, timestep, added_cond_kwargs=None, batch_size=None, hidden_dtype=None):
             values, inverse = torch.unique(timestep, return_inverse=True)
             temb, embedded = super().forward(values, added_cond_kwargs, batch_size=None, hidden_dtype=hidden_dtype)
-            return temb[inverse], embedded[inverse]
+            if self.token_condition is None:
+                return temb[inverse], embedded[inverse]
+            embedded = embedded[inverse] + self.token_condition.reshape(-1, embedded.shape[-1]).to(embedded.dtype)
+            return self.linear(self.silu(embedded)), embedded
 
     class ViewEmbeddedLinear(nn.Linear):
         """The transformer's input projection plus a learned embedding of each token's view.
@@ -291,7 +304,7 @@ def _modules():
     class ActionEncoder(nn.Module):
         """Normalised action chunk [B, chunk, A] -> tokens [B, ceil(chunk / k), width]."""
 
-        def __init__(self, config: ActionEncoderConfig, chunk_length: int, action_dim: int):
+        def __init__(self, config: ActionEncoderConfig, chunk_length: int, action_dim: int, model_width: int):
             super().__init__()
             self.subsample, self.pad_dim, self.action_dim = config.subsample, config.pad_dim, action_dim
             tokens = math.ceil(chunk_length / config.subsample)
@@ -301,6 +314,12 @@ def _modules():
                                                activation="gelu", batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(config.width)
+            # frame_conditioning: action tokens -> the transformer's timestep-embedding space. Zero at
+            # the start, so training begins from the cross-attention-only model.
+            self.to_frames = nn.Linear(config.width, model_width) if config.frame_conditioning else None
+            if self.to_frames is not None:
+                nn.init.zeros_(self.to_frames.weight)
+                nn.init.zeros_(self.to_frames.bias)
 
         def forward(self, actions):
             # The k-th, 2k-th, ... action: the command executed just before each k-th future frame.
@@ -339,7 +358,7 @@ def _modules():
             proj_in = ViewEmbeddedLinear(c * p * p, width, len(self.views))
             proj_in.load_state_dict(self.transformer.proj_in.state_dict(), strict=False)
             self.transformer.proj_in = proj_in
-            self.action_encoder = ActionEncoder(config.action_encoder, emb.chunk_length, emb.action_dim)
+            self.action_encoder = ActionEncoder(config.action_encoder, emb.chunk_length, emb.action_dim, width)
             self._layout_cache: dict[Any, Any] = {}
 
         # -- pixels <-> latents ------------------------------------------------------------------
@@ -469,10 +488,28 @@ def _modules():
             b = tokens.shape[0]
             per_token = torch.where(is_future[None], timestep.float()[:, None], torch.zeros((), device=tokens.device))
             mask = torch.ones(b, action_tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
-            out = self.transformer(hidden_states=tokens, encoder_hidden_states=action_tokens, timestep=per_token,
-                                   encoder_attention_mask=mask, video_coords=coords[None].expand(b, -1, -1)).sample
+            time_embed = self.transformer.time_embed
+            if self.action_encoder.to_frames is not None:
+                time_embed.token_condition = self.frame_condition(action_tokens, history.shape[3], future.shape[3])
+            try:
+                out = self.transformer(hidden_states=tokens, encoder_hidden_states=action_tokens, timestep=per_token,
+                                       encoder_attention_mask=mask, video_coords=coords[None].expand(b, -1, -1)).sample
+            finally:
+                time_embed.token_condition = None
             frames = history.shape[3] + future.shape[3]
             return self.unpack(out, frames)[:, :, :, history.shape[3]:]
+
+        def frame_condition(self, action_tokens, history_frames: int, future_frames: int):
+            """Action tokens [B, n, a] -> per-token conditioning [B, N, width] in `pack`'s order: zero
+            for history tokens; a future latent frame's tokens get its share of the action tokens (the
+            n tokens split in order into `future_frames` runs, each run averaged and projected)."""
+            b = action_tokens.shape[0]
+            per_frame = torch.stack([run.mean(dim=1) for run in torch.tensor_split(action_tokens, future_frames, dim=1)], 1)
+            per_frame = self.action_encoder.to_frames(per_frame)  # [B, tf, width]
+            per_frame = torch.cat([per_frame.new_zeros(b, history_frames, per_frame.shape[-1]), per_frame], dim=1)
+            tokens = self.config.tokens_per_frame
+            per_token = per_frame[:, None, :, None].expand(b, len(self.views), -1, tokens, -1)  # B V t hw width
+            return per_token.reshape(b, -1, per_frame.shape[-1])
 
         def flow_matching_loss(self, history, future, normalized_actions, generator=None):
             """Velocity-matching loss on the future latents only (history tokens are conditioning)."""
