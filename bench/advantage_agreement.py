@@ -16,6 +16,11 @@ A(chunk) - A(other chunk), which is what the advantage prompt needs), plus
 the spread of A_oracle itself (if even perfect imagination gives near-constant advantages, the
 value model or the advantage scale is the bottleneck, not the world model).
 
+With `--group G` (the trainer's rollout.group_size) it also does what the trainer does: G policy
+chunks per start, each imagined by both models, and the group-relative advantages compared
+(correlation, sign, whether both models pick the same best chunk), with how much of the
+simulator's value gain varies between the chunks of one start rather than between starts.
+
     .venv/bin/python bench/advantage_agreement.py --store runs/table/push/store \
         --data runs/table/push/data --dynamics v0001 --policy v0002 --value v0001 --starts 96
 
@@ -57,7 +62,7 @@ def agreement(oracle: np.ndarray, other: np.ndarray, oracle_bins: np.ndarray, ot
 
 
 async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
-                  batch: int, seed: int, scale: float) -> dict:
+                  batch: int, seed: int, scale: float, group: int = 1) -> dict:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.transport import connect_dynamics, connect_policy, connect_value
@@ -104,6 +109,10 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
                 out["psnr"].append(float(10 * np.log10(255.0 ** 2 / max(np.mean(errors), 1e-9))))
             print(f"  {min(i + batch, starts)}/{starts} starts", file=sys.stderr)
 
+        if group > 1:
+            await measure_groups(out, pol, dyn, val, begin, frames, shapes, learned, oracle, policy, value, group,
+                                 max(1, batch // group), rng)
+
     adv, bins = {}, {}
     for name in ("oracle", "learned", "control", "oracle_control"):
         values = np.concatenate(out[name])
@@ -128,7 +137,58 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
         "psnr_learned_vs_oracle_last_frame_db": round(float(np.mean(out["psnr"])), 2),
     }
     adv["effect_oracle"], adv["effect_learned"] = effect["oracle"], effect["learned"]
+    if group > 1:
+        result["groups"] = group_agreement(out, group, scale)
     return result, adv
+
+
+async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarray, shapes: dict, learned: str,
+                         oracle: str, policy: str, value: str, group: int, starts_per_call: int, rng) -> None:
+    """G policy chunks per start (as the trainer's groups), imagined by both models and scored."""
+    out["group_oracle"], out["group_learned"] = [], []
+    for i in range(0, len(frames), starts_per_call):
+        g = [int(x) for x in frames[i:i + starts_per_call] for _ in range(group)]
+        by = {name: [begin[name].at(x) for x in g] for name in shapes}
+        views = list(by["learned"][0].history)
+        now = {v: np.stack([s.history[v][-1] for s in by["learned"]]) for v in views}
+        states = np.stack([s.state for s in by["learned"]]).astype(np.float32)
+        tasks = [s.task for s in by["learned"]]
+        call_seed = int(rng.integers(1, 2**62))
+        chunks = await pol.act(now, states, tasks, [10], seed=call_seed, version=policy, timeout_s=300)
+        for name, version in (("oracle", oracle), ("learned", learned)):
+            s = by[name]
+            history = {v: np.stack([x.history[v] for x in s]) for v in views}
+            sims = [x.sim_state for x in s] if shapes[name].needs_sim_state else None
+            result = await dyn.imagine(history, chunks.actions, 0, call_seed, version=version, tasks=tasks,
+                                       sim_states=sims, timeout_s=600)
+            scored = {v: np.concatenate([now[v][:, None], result.frames[v]], axis=1) for v in views}
+            out[f"group_{name}"].append(np.asarray((await val.score(scored, tasks, version=value, timeout_s=300)).values,
+                                                   np.float32))
+        print(f"  groups: {min(i + starts_per_call, len(frames))}/{len(frames)} starts", file=sys.stderr)
+
+
+def group_agreement(out: dict, group: int, scale: float) -> dict:
+    """The trainer's group-relative advantages from the learned model vs from the simulator."""
+    from services.trainer.rollout import advantage
+
+    values = {name: np.concatenate(out[f"group_{name}"]) for name in ("oracle", "learned")}
+    rel = {name: advantage(v[:, 0], v[:, 1:], scale, group)[0] for name, v in values.items()}
+    gain = {name: (v[:, 1:] - v[:, :1]).mean(axis=1).reshape(-1, group) for name, v in values.items()}
+    best = {name: g.argmax(axis=1) for name, g in gain.items()}
+    # Which of the simulator's ranks (0 = its best) the learned model's favourite chunk holds.
+    oracle_rank = np.argsort(np.argsort(-gain["oracle"], axis=1), axis=1)
+    picked_rank = oracle_rank[np.arange(len(best["learned"])), best["learned"]]
+    within = gain["oracle"].std(axis=1).mean()
+    return {"group_size": group, "starts": int(gain["oracle"].shape[0]),
+            "relative_pearson": round(_pearson(rel["oracle"], rel["learned"]), 3),
+            "relative_spearman": round(_spearman(rel["oracle"], rel["learned"]), 3),
+            "relative_sign_agreement": round(float(np.mean(np.sign(rel["oracle"]) == np.sign(rel["learned"]))), 3),
+            "same_best_chunk": round(float(np.mean(best["oracle"] == best["learned"])), 3),
+            "same_best_chunk_by_chance": round(1 / group, 3),
+            "learned_pick_oracle_rank_mean": round(float(picked_rank.mean()), 3),
+            "oracle_gain_std_within_start": round(float(within), 4),
+            "oracle_gain_std_between_starts": round(float(gain["oracle"].mean(axis=1).std()), 4),
+            "learned_gain_std_within_start": round(float(gain["learned"].std(axis=1).mean()), 4)}
 
 
 def plot(path: Path, adv: dict, result: dict) -> None:
@@ -165,6 +225,7 @@ def main(
     batch: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     scale: float = typer.Option(5.0, help="The trainer's rollout.advantage_scale."),
+    group: int = typer.Option(1, min=1, help="The trainer's rollout.group_size: also compare group-relative advantages."),
     out: Path = typer.Option(ROOT / "bench" / "advantage_agreement.json"),
 ) -> None:
     from rise.baselines import publish_oracle_dynamics
@@ -185,7 +246,7 @@ def main(
     try:
         asyncio.run(services.wait_ready())
         result, adv = asyncio.run(measure(services.urls, registry, data, learned, oracle, policy_v, value_v, starts,
-                                          batch, seed, scale))
+                                          batch, seed, scale, group))
     finally:
         services.stop()
     result = {"machine": info, "store": str(store), "data": str(data), "versions": {
