@@ -62,7 +62,7 @@ def agreement(oracle: np.ndarray, other: np.ndarray, oracle_bins: np.ndarray, ot
 
 
 async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
-                  batch: int, seed: int, scale: float, group: int = 1) -> dict:
+                  batch: int, seed: int, scale: float, group: int = 1, common_noise: bool = True) -> dict:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.transport import connect_dynamics, connect_policy, connect_value
@@ -111,7 +111,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
         if group > 1:
             await measure_groups(out, pol, dyn, val, begin, frames, shapes, learned, oracle, policy, value, group,
-                                 max(1, batch // group), rng)
+                                 max(1, batch // group), rng, common_noise)
 
     adv, bins = {}, {}
     for name in ("oracle", "learned", "control", "oracle_control"):
@@ -143,8 +143,11 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
 
 async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarray, shapes: dict, learned: str,
-                         oracle: str, policy: str, value: str, group: int, starts_per_call: int, rng) -> None:
+                         oracle: str, policy: str, value: str, group: int, starts_per_call: int, rng,
+                         common_noise: bool) -> None:
     """G policy chunks per start (as the trainer's groups), imagined by both models and scored."""
+    from services.trainer.rollout import imagine_groups
+
     out["group_oracle"], out["group_learned"] = [], []
     for i in range(0, len(frames), starts_per_call):
         g = [int(x) for x in frames[i:i + starts_per_call] for _ in range(group)]
@@ -159,8 +162,8 @@ async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarr
             s = by[name]
             history = {v: np.stack([x.history[v] for x in s]) for v in views}
             sims = [x.sim_state for x in s] if shapes[name].needs_sim_state else None
-            result = await dyn.imagine(history, chunks.actions, 0, call_seed, version=version, tasks=tasks,
-                                       sim_states=sims, timeout_s=600)
+            result = await imagine_groups(dyn, history, chunks.actions, 0, call_seed, group, common_noise,
+                                          version=version, tasks=tasks, sim_states=sims, timeout_s=600)
             scored = {v: np.concatenate([now[v][:, None], result.frames[v]], axis=1) for v in views}
             out[f"group_{name}"].append(np.asarray((await val.score(scored, tasks, version=value, timeout_s=300)).values,
                                                    np.float32))
@@ -226,6 +229,7 @@ def main(
     seed: int = typer.Option(0),
     scale: float = typer.Option(5.0, help="The trainer's rollout.advantage_scale."),
     group: int = typer.Option(1, min=1, help="The trainer's rollout.group_size: also compare group-relative advantages."),
+    common_noise: bool = typer.Option(True, help="The trainer's rollout.common_noise (a group's chunks share their noise)."),
     out: Path = typer.Option(ROOT / "bench" / "advantage_agreement.json"),
 ) -> None:
     from rise.baselines import publish_oracle_dynamics
@@ -246,10 +250,10 @@ def main(
     try:
         asyncio.run(services.wait_ready())
         result, adv = asyncio.run(measure(services.urls, registry, data, learned, oracle, policy_v, value_v, starts,
-                                          batch, seed, scale, group))
+                                          batch, seed, scale, group, common_noise))
     finally:
         services.stop()
-    result = {"machine": info, "store": str(store), "data": str(data), "versions": {
+    result = {"machine": info, "common_noise": common_noise, "store": str(store), "data": str(data), "versions": {
         "policy": policy_v, "value": value_v, "learned_dynamics": learned, "oracle_dynamics": oracle}, **result}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(out.with_suffix(".png"), adv, result)

@@ -178,3 +178,41 @@ def test_frame_conditioning_starts_as_the_cross_attention_model_and_then_follows
         assert framed.transformer.time_embed.token_condition is None  # set only around one call
         reloaded = load_model(framed.save(tmp_path / "framed"))
         torch.testing.assert_close(v(reloaded, actions), v(framed, actions), rtol=0, atol=1e-5)
+
+
+def test_a_group_imagined_with_common_noise_differs_only_by_its_actions(trained):
+    """rollout.common_noise: the chunks of one start share their starting noise, so the same chunk
+    twice gets the same future (with independent noise it does not) and only actions tell them apart."""
+    import asyncio
+
+    from rise.serving import ServerConfig
+    from rise.services import service
+    from rise.transport import connect_dynamics
+    from services.trainer.rollout import imagine_groups
+
+    summary, _, registry = trained
+    registry.set_alias("dynamics", "stable", summary["version"])
+    frames, actions = inputs(2, 2, seed=5)
+    history = {v: np.repeat(f, 2, axis=0) for v, f in frames.items()}  # starts s0 s0 s1 s1 (groups of 2)
+    chunks = np.stack([actions[0], actions[0], actions[1], -actions[1]])  # group 0: one chunk twice
+
+    async def main():
+        config_cls, start = service("dynamics")
+        running = await start(config_cls(registry_root=registry.root, torch_threads=1,
+                                         server=ServerConfig(port=0, log_json=False)))
+        try:
+            async with connect_dynamics(f"grpc://{running.address}") as dynamics:
+                shared = await imagine_groups(dynamics, history, chunks, 2, 7, 2, True)
+                independent = await imagine_groups(dynamics, history, chunks, 2, 7, 2, False)
+                second = await dynamics.imagine({v: h[1::2] for v, h in history.items()}, chunks[1::2], 2, 7)
+                return shared, independent, second
+        finally:
+            await running.stop(0)
+
+    shared, independent, second = asyncio.run(main())
+    for v in EMB.views:
+        assert shared.frames[v].shape == independent.frames[v].shape == (4, 2, EMB.image_height, EMB.image_width, 3)
+        assert np.array_equal(shared.frames[v][0], shared.frames[v][1])  # same start, same chunk, same noise
+        assert not np.array_equal(independent.frames[v][0], independent.frames[v][1])
+        assert np.array_equal(shared.frames[v][1::2], second.frames[v])  # position k of every group: one call
+    assert shared.version == summary["version"]

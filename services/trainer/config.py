@@ -67,6 +67,8 @@ class RolloutConfig(StrictModel):
     # set by the start state (r 0.86 between two chunks from one start, even in the simulator),
     # so its bins say "easy state", not "good action". 1 = the reference's absolute advantage.
     group_size: int = Field(4, ge=1)
+    # The chunks of a group are imagined from the same starting noise (see rollout.imagine_groups).
+    common_noise: bool = True
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)

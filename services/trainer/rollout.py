@@ -55,6 +55,35 @@ def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: fl
     return a.astype(np.float32), np.digitize(a, BIN_EDGES).astype(np.int64)
 
 
+async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int, seed: int,
+                         group_size: int, common_noise: bool, **kwargs):
+    """dynamics.imagine for rows in groups of `group_size` (one start each).
+
+    common_noise: the chunks of a group are imagined from the same starting noise (one call per
+    position in the group, all with one seed, sent together so the service batches them), so
+    their futures differ only by what the model makes of the actions, not by sampling luck."""
+    from rise.transport import Imagination
+
+    if not common_noise or group_size == 1:
+        return await dynamics.imagine(history, actions, num_steps, seed, **kwargs)
+    import asyncio
+
+    def rows(k: int, values):
+        return None if values is None else [values[i] for i in range(k, len(actions), group_size)]
+
+    calls = [dynamics.imagine({v: h[k::group_size] for v, h in history.items()}, actions[k::group_size], num_steps, seed,
+                              **{key: rows(k, value) if key in ("tasks", "sim_states") else value
+                                 for key, value in kwargs.items()})
+             for k in range(group_size)]
+    parts = await asyncio.gather(*calls)
+    frames = {}
+    for v in parts[0].frames:
+        stacked = np.stack([part.frames[v] for part in parts], axis=1)  # [B / G, G, F, H, W, 3]
+        frames[v] = stacked.reshape(-1, *stacked.shape[2:])
+    sim_states = [parts[k].sim_states[i] for i in range(len(actions) // group_size) for k in range(group_size)]
+    return Imagination(frames, sim_states, parts[0].version)
+
+
 @dataclass
 class ImaginedEpisode:
     history: dict[str, np.ndarray]  # view -> uint8 [T, H, W, 3], oldest first, `stride` ticks apart
@@ -180,9 +209,9 @@ class Rollouts:
         t1 = time.perf_counter()
         history = {v: np.stack([w.history[v] for w in workers]) for v in views}
         sim_states = [w.sim_state for w in workers] if self.starts.shape.needs_sim_state else None
-        imagined = await self._call("dynamics.imagine", lambda: self.dynamics.imagine(
-            history, chunks.actions, cfg.dynamics_steps, seed, version=cfg.dynamics_version, tasks=tasks,
-            sim_states=sim_states, timeout_s=timeout))
+        imagined = await self._call("dynamics.imagine", lambda: imagine_groups(
+            self.dynamics, history, chunks.actions, cfg.dynamics_steps, seed, cfg.group_size, cfg.common_noise,
+            version=cfg.dynamics_version, tasks=tasks, sim_states=sim_states, timeout_s=timeout))
         t2 = time.perf_counter()
         scored = {v: np.concatenate([current[v][:, None], imagined.frames[v]], axis=1) for v in views}
         scores = await self._call("value.score", lambda: self.value.score(
