@@ -131,8 +131,8 @@ class ActionEncoderConfig(StrictModel):
     num_heads: int = Field(16, gt=0)
     # Also add each future frame's own actions to the timestep embedding of that frame's tokens
     # (adaptive norm in every block, as DiT conditions on a class), besides cross-attention to all
-    # action tokens (the reference's only path). Measured on push: cross-attention alone left
-    # the small model's imagined motion half as action-dependent as the simulator's.
+    # action tokens (the reference's only path). Off: on push at the small tier it lowered the
+    # held-out flow loss (0.121 vs 0.132) but followed actions no better (bench/RESULTS.md, issue 4).
     frame_conditioning: bool = False
 
 
