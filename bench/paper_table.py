@@ -251,7 +251,7 @@ def run_rise(task: str, method: str, seed: int, folder: Path, registry, data: Pa
             running[name] = asyncio.run_coroutine_threadsafe(start(config), loop).result(300)
         overrides = {"out": str(folder / method), "registry_root": str(registry.root), "data": json.dumps([str(data)]),
                      **{f"services.{n}": f"grpc://{r.address}" for n, r in running.items()},
-                     "replay.stream": f"rise-bench:{task}:{method}:{seed}", "learner.steps": cfg["rl_steps"],
+                     "replay.stream": f"rise-bench:{_folder_key(folder)}:{method}", "learner.steps": cfg["rl_steps"],
                      "learner.seed": seed, "gate.every_versions": 0, **cfg["set"], **overrides}
         run = TrainerRun(load_run_config(None, overrides), method, log=log)
         status = asyncio.run(run.run())
@@ -263,6 +263,14 @@ def run_rise(task: str, method: str, seed: int, folder: Path, registry, data: Pa
         for r in running.values():
             asyncio.run_coroutine_threadsafe(r.stop(0), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def _folder_key(folder: Path) -> str:
+    """A run's replay stream is named after its folder: two tables (`--out`) never share one, a
+    resumed table finds its own again."""
+    import hashlib
+
+    return hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
 
 
 def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
