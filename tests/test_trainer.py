@@ -425,3 +425,26 @@ def test_a_rollout_group_shares_its_start_chains_in_step_and_restarts_together(s
         assert not np.allclose(first[a].actions, first[b].actions)
     # Persistence dynamics imagines no change: every chunk of a start is worth the same -> middle bin.
     assert {s.advantage_bin for r in samples for s in r} == {6}
+
+
+def test_exploration_noise_is_added_to_the_proposed_chunks(store, services, tmp_path):
+    from rise.data.loading import load_episodes_in_memory
+    from services.trainer.replay import decode_sample
+    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
+
+    folder, registry = store
+    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
+
+    async def first_round(noise: float):
+        config = _config(store, services, tmp_path, **{"rollout.workers": "8", "rollout.policy_version": "stable",
+                                                        "rollout.exploration_noise": str(noise)})
+        clients = await open_clients(config.services)
+        try:
+            rollouts = Rollouts(config.rollout, config.services, clients, starts, "noise-test", seed=5)
+            return np.stack([decode_sample(p).actions for p in await rollouts.round(frame_encoding="raw")])
+        finally:
+            for client in clients:
+                await client.close()
+
+    plain, noisy = asyncio.run(first_round(0.0)), asyncio.run(first_round(0.5))
+    assert 0.4 < float(np.std(noisy - plain)) < 0.6  # the same starts and policy samples, plus the noise

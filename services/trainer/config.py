@@ -69,6 +69,9 @@ class RolloutConfig(StrictModel):
     group_size: int = Field(4, ge=1)
     # The chunks of a group are imagined from the same starting noise (see rollout.imagine_groups).
     common_noise: bool = True
+    # Std of Gaussian noise added to every proposed chunk's actions before it is imagined (and
+    # stored): more different chunks per start, easier to rank. 0 = the policy's own samples.
+    exploration_noise: float = Field(0.0, ge=0)
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)

@@ -206,6 +206,9 @@ class Rollouts:
         chunks = await self._call("policy.act", lambda: self.policy.act(
             current, states, tasks, [cfg.advantage_bin] * len(workers), cfg.policy_steps, seed,
             version=policy_version or cfg.policy_version, timeout_s=timeout))
+        if cfg.exploration_noise:
+            noise = self.rng.normal(0.0, cfg.exploration_noise, chunks.actions.shape).astype(np.float32)
+            chunks = chunks._replace(actions=chunks.actions + noise)
         t1 = time.perf_counter()
         history = {v: np.stack([w.history[v] for w in workers]) for v in views}
         sim_states = [w.sim_state for w in workers] if self.starts.shape.needs_sim_state else None
