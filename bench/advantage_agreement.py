@@ -62,7 +62,8 @@ def agreement(oracle: np.ndarray, other: np.ndarray, oracle_bins: np.ndarray, ot
 
 
 async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
-                  batch: int, seed: int, scale: float, group: int = 1, common_noise: bool = True) -> dict:
+                  batch: int, seed: int, scale: float, group: int = 1, common_noise: bool = True,
+                  exploration_noise: float = 0.0) -> dict:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.transport import connect_dynamics, connect_policy, connect_value
@@ -111,7 +112,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
         if group > 1:
             await measure_groups(out, pol, dyn, val, begin, frames, shapes, learned, oracle, policy, value, group,
-                                 max(1, batch // group), rng, common_noise)
+                                 max(1, batch // group), rng, common_noise, exploration_noise)
 
     adv, bins = {}, {}
     for name in ("oracle", "learned", "control", "oracle_control"):
@@ -144,7 +145,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
 async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarray, shapes: dict, learned: str,
                          oracle: str, policy: str, value: str, group: int, starts_per_call: int, rng,
-                         common_noise: bool) -> None:
+                         common_noise: bool, exploration_noise: float) -> None:
     """G policy chunks per start (as the trainer's groups), imagined by both models and scored."""
     from services.trainer.rollout import imagine_groups
 
@@ -158,6 +159,9 @@ async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarr
         tasks = [s.task for s in by["learned"]]
         call_seed = int(rng.integers(1, 2**62))
         chunks = await pol.act(now, states, tasks, [10], seed=call_seed, version=policy, timeout_s=300)
+        if exploration_noise:  # as the trainer's rollout.exploration_noise
+            chunks = chunks._replace(actions=chunks.actions + rng.normal(0.0, exploration_noise, chunks.actions.shape)
+                                     .astype(np.float32))
         for name, version in (("oracle", oracle), ("learned", learned)):
             s = by[name]
             history = {v: np.stack([x.history[v] for x in s]) for v in views}
@@ -230,6 +234,7 @@ def main(
     scale: float = typer.Option(5.0, help="The trainer's rollout.advantage_scale."),
     group: int = typer.Option(1, min=1, help="The trainer's rollout.group_size: also compare group-relative advantages."),
     common_noise: bool = typer.Option(True, help="The trainer's rollout.common_noise (a group's chunks share their noise)."),
+    exploration_noise: float = typer.Option(0.0, help="The trainer's rollout.exploration_noise (groups only)."),
     out: Path = typer.Option(ROOT / "bench" / "advantage_agreement.json"),
 ) -> None:
     from rise.baselines import publish_oracle_dynamics
@@ -250,10 +255,10 @@ def main(
     try:
         asyncio.run(services.wait_ready())
         result, adv = asyncio.run(measure(services.urls, registry, data, learned, oracle, policy_v, value_v, starts,
-                                          batch, seed, scale, group, common_noise))
+                                          batch, seed, scale, group, common_noise, exploration_noise))
     finally:
         services.stop()
-    result = {"machine": info, "common_noise": common_noise, "store": str(store), "data": str(data), "versions": {
+    result = {"machine": info, "common_noise": common_noise, "exploration_noise": exploration_noise, "store": str(store), "data": str(data), "versions": {
         "policy": policy_v, "value": value_v, "learned_dynamics": learned, "oracle_dynamics": oracle}, **result}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(out.with_suffix(".png"), adv, result)
