@@ -20,6 +20,7 @@ reads the imagined images).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from rise.data.loading import EpisodesInMemory
-from rise.transport import call_with_retries
+from rise.transport import Imagination, call_with_retries
 from services.dynamics.oracle import KIND as ORACLE_KIND
 from services.trainer.config import RolloutConfig, ServicesConfig
 from services.trainer.replay import encode_sample
@@ -62,11 +63,8 @@ async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.n
     common_noise: the chunks of a group are imagined from the same starting noise (one call per
     position in the group, all with one seed, sent together so the service batches them), so
     their futures differ only by what the model makes of the actions, not by sampling luck."""
-    from rise.transport import Imagination
-
     if not common_noise or group_size == 1:
         return await dynamics.imagine(history, actions, num_steps, seed, **kwargs)
-    import asyncio
 
     def rows(k: int, values):
         return None if values is None else [values[i] for i in range(k, len(actions), group_size)]
