@@ -61,6 +61,19 @@ def agreement(oracle: np.ndarray, other: np.ndarray, oracle_bins: np.ndarray, ot
             "bins_within_1": round(float(np.mean(np.abs(oracle_bins - other_bins) <= 1)), 3)}
 
 
+def _now(starts: list) -> tuple[dict, np.ndarray, list[str]]:
+    """What the policy sees at these starts: current frames, robot states, task texts."""
+    views = list(starts[0].history)
+    return ({v: np.stack([s.history[v][-1] for s in starts]) for v in views},
+            np.stack([s.state for s in starts]).astype(np.float32), [s.task for s in starts])
+
+
+def _history(starts: list, shape) -> tuple[dict, list | None]:
+    """What a dynamics model gets at these starts: frame histories (and simulator states if it needs them)."""
+    history = {v: np.stack([s.history[v] for s in starts]) for v in starts[0].history}
+    return history, [s.sim_state for s in starts] if shape.needs_sim_state else None
+
+
 async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
                   batch: int, seed: int, scale: float, group: int = 1, common_noise: bool = True,
                   exploration_noise: float = 0.0) -> dict:
@@ -81,19 +94,14 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
         for i in range(0, starts, batch):
             g = [int(x) for x in frames[i:i + batch]]
             starts_by = {name: [begin[name].at(x) for x in g] for name in shapes}
-            ref = starts_by["learned"]
-            views = list(ref[0].history)
-            now = {v: np.stack([s.history[v][-1] for s in ref]) for v in views}
-            states = np.stack([s.state for s in ref]).astype(np.float32)
-            tasks = [s.task for s in ref]
+            now, states, tasks = _now(starts_by["learned"])
+            views = list(now)
             call_seed = int(rng.integers(1, 2**62))
             chunks = await pol.act(now, states, tasks, [10], seed=call_seed, version=policy, timeout_s=300)
             shuffled = np.roll(chunks.actions, 1, axis=0)  # each start gets its neighbour's chunk
 
             async def imagine(name: str, actions: np.ndarray):
-                s = starts_by[name]
-                history = {v: np.stack([x.history[v] for x in s]) for v in views}
-                sims = [x.sim_state for x in s] if shapes[name].needs_sim_state else None
+                history, sims = _history(starts_by[name], shapes[name])
                 return await dyn.imagine(history, actions, 0, call_seed, version=learned if name == "learned" else oracle,
                                          tasks=tasks, sim_states=sims, timeout_s=600)
 
@@ -153,22 +161,17 @@ async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarr
     for i in range(0, len(frames), starts_per_call):
         g = [int(x) for x in frames[i:i + starts_per_call] for _ in range(group)]
         by = {name: [begin[name].at(x) for x in g] for name in shapes}
-        views = list(by["learned"][0].history)
-        now = {v: np.stack([s.history[v][-1] for s in by["learned"]]) for v in views}
-        states = np.stack([s.state for s in by["learned"]]).astype(np.float32)
-        tasks = [s.task for s in by["learned"]]
+        now, states, tasks = _now(by["learned"])
         call_seed = int(rng.integers(1, 2**62))
         chunks = await pol.act(now, states, tasks, [10], seed=call_seed, version=policy, timeout_s=300)
         if exploration_noise:  # as the trainer's rollout.exploration_noise
             chunks = chunks._replace(actions=chunks.actions + rng.normal(0.0, exploration_noise, chunks.actions.shape)
                                      .astype(np.float32))
         for name, version in (("oracle", oracle), ("learned", learned)):
-            s = by[name]
-            history = {v: np.stack([x.history[v] for x in s]) for v in views}
-            sims = [x.sim_state for x in s] if shapes[name].needs_sim_state else None
+            history, sims = _history(by[name], shapes[name])
             result = await imagine_groups(dyn, history, chunks.actions, 0, call_seed, group, common_noise,
                                           version=version, tasks=tasks, sim_states=sims, timeout_s=600)
-            scored = {v: np.concatenate([now[v][:, None], result.frames[v]], axis=1) for v in views}
+            scored = {v: np.concatenate([now[v][:, None], result.frames[v]], axis=1) for v in now}
             out[f"group_{name}"].append(np.asarray((await val.score(scored, tasks, version=value, timeout_s=300)).values,
                                                    np.float32))
         print(f"  groups: {min(i + starts_per_call, len(frames))}/{len(frames)} starts", file=sys.stderr)

@@ -57,28 +57,24 @@ def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: fl
 
 
 async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int, seed: int,
-                         group_size: int, common_noise: bool, **kwargs):
+                         group_size: int, common_noise: bool, *, tasks: list[str] | None = None,
+                         sim_states: list | None = None, **kwargs):
     """dynamics.imagine for rows in groups of `group_size` (one start each).
 
     common_noise: the chunks of a group are imagined from the same starting noise (one call per
     position in the group, all with one seed, sent together so the service batches them), so
     their futures differ only by what the model makes of the actions, not by sampling luck."""
     if not common_noise or group_size == 1:
-        return await dynamics.imagine(history, actions, num_steps, seed, **kwargs)
-
-    def rows(k: int, values):
-        return None if values is None else [values[i] for i in range(k, len(actions), group_size)]
-
-    calls = [dynamics.imagine({v: h[k::group_size] for v, h in history.items()}, actions[k::group_size], num_steps, seed,
-                              **{key: rows(k, value) if key in ("tasks", "sim_states") else value
-                                 for key, value in kwargs.items()})
-             for k in range(group_size)]
-    parts = await asyncio.gather(*calls)
-    frames = {}
-    for v in parts[0].frames:
-        stacked = np.stack([part.frames[v] for part in parts], axis=1)  # [B / G, G, F, H, W, 3]
-        frames[v] = stacked.reshape(-1, *stacked.shape[2:])
-    sim_states = [parts[k].sim_states[i] for i in range(len(actions) // group_size) for k in range(group_size)]
+        return await dynamics.imagine(history, actions, num_steps, seed, tasks=tasks, sim_states=sim_states, **kwargs)
+    every = lambda values, k: None if values is None else list(values[k::group_size])  # noqa: E731
+    parts = await asyncio.gather(*(
+        dynamics.imagine({v: h[k::group_size] for v, h in history.items()}, actions[k::group_size], num_steps, seed,
+                         tasks=every(tasks, k), sim_states=every(sim_states, k), **kwargs)
+        for k in range(group_size)))
+    # Back to the rows' order: start 0's chunks 0..G-1, then start 1's, ...
+    frames = {v: np.stack([part.frames[v] for part in parts], axis=1).reshape(-1, *parts[0].frames[v].shape[1:])
+              for v in parts[0].frames}
+    sim_states = [part.sim_states[i] for i in range(len(actions) // group_size) for part in parts]
     return Imagination(frames, sim_states, parts[0].version)
 
 
