@@ -76,7 +76,7 @@ def _history(starts: list, shape) -> tuple[dict, list | None]:
 
 async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
                   batch: int, seed: int, scale: float, group: int = 1, common_noise: bool = True,
-                  exploration_noise: float = 0.0) -> dict:
+                  exploration_noise: float = 0.0, proposal_bins: list[int] | None = None) -> dict:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.transport import connect_dynamics, connect_policy, connect_value
@@ -120,7 +120,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
         if group > 1:
             await measure_groups(out, pol, dyn, val, begin, frames, shapes, learned, oracle, policy, value, group,
-                                 max(1, batch // group), rng, common_noise, exploration_noise)
+                                 max(1, batch // group), rng, common_noise, exploration_noise, proposal_bins or [])
 
     adv, bins = {}, {}
     for name in ("oracle", "learned", "control", "oracle_control"):
@@ -153,7 +153,7 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
 async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarray, shapes: dict, learned: str,
                          oracle: str, policy: str, value: str, group: int, starts_per_call: int, rng,
-                         common_noise: bool, exploration_noise: float) -> None:
+                         common_noise: bool, exploration_noise: float, proposal_bins: list[int]) -> None:
     """G policy chunks per start (as the trainer's groups), imagined by both models and scored."""
     from services.trainer.rollout import imagine_groups
 
@@ -163,7 +163,8 @@ async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarr
         by = {name: [begin[name].at(x) for x in g] for name in shapes}
         now, states, tasks = _now(by["learned"])
         call_seed = int(rng.integers(1, 2**62))
-        chunks = await pol.act(now, states, tasks, [10], seed=call_seed, version=policy, timeout_s=300)
+        prompts = (proposal_bins or [10] * group) * (len(g) // group)  # as the trainer's rollout.proposal_bins
+        chunks = await pol.act(now, states, tasks, prompts, seed=call_seed, version=policy, timeout_s=300)
         if exploration_noise:  # as the trainer's rollout.exploration_noise
             chunks = chunks._replace(actions=chunks.actions + rng.normal(0.0, exploration_noise, chunks.actions.shape)
                                      .astype(np.float32))
@@ -198,7 +199,11 @@ def group_agreement(out: dict, group: int, scale: float) -> dict:
             "learned_pick_oracle_rank_mean": round(float(picked_rank.mean()), 3),
             "oracle_gain_std_within_start": round(float(within), 4),
             "oracle_gain_std_between_starts": round(float(gain["oracle"].mean(axis=1).std()), 4),
-            "learned_gain_std_within_start": round(float(gain["learned"].std(axis=1).mean()), 4)}
+            "learned_gain_std_within_start": round(float(gain["learned"].std(axis=1).mean()), 4),
+            # Per group position (its prompt, with proposal bins): the simulator's mean value gain and
+            # how often that position's chunk was the start's best.
+            "oracle_gain_by_position": [round(float(x), 4) for x in gain["oracle"].mean(axis=0)],
+            "oracle_best_share_by_position": [round(float(np.mean(best["oracle"] == k)), 3) for k in range(group)]}
 
 
 def plot(path: Path, adv: dict, result: dict) -> None:
@@ -238,6 +243,7 @@ def main(
     group: int = typer.Option(1, min=1, help="The trainer's rollout.group_size: also compare group-relative advantages."),
     common_noise: bool = typer.Option(True, help="The trainer's rollout.common_noise (a group's chunks share their noise)."),
     exploration_noise: float = typer.Option(0.0, help="The trainer's rollout.exploration_noise (groups only)."),
+    proposal_bins: str = typer.Option("", help="The trainer's rollout.proposal_bins, e.g. 10,7,4,1 (groups only; empty: all 10)."),
     out: Path = typer.Option(ROOT / "bench" / "advantage_agreement.json"),
 ) -> None:
     from rise.baselines import publish_oracle_dynamics
@@ -245,6 +251,9 @@ def main(
     from rise.registry import Registry
     from services.dynamics.oracle import KIND as ORACLE_KIND
 
+    bins = [int(b) for b in proposal_bins.split(",") if b.strip()]
+    if bins and len(bins) != group:
+        raise typer.BadParameter(f"--proposal-bins needs one bin per group position ({group}), got {bins}")
     registry = Registry(store)
     emb = PRESETS["metaworld"]
     oracles = [v for v in registry.versions("dynamics") if registry.manifest("dynamics", v).kind == ORACLE_KIND]
@@ -258,10 +267,11 @@ def main(
     try:
         asyncio.run(services.wait_ready())
         result, adv = asyncio.run(measure(services.urls, registry, data, learned, oracle, policy_v, value_v, starts,
-                                          batch, seed, scale, group, common_noise, exploration_noise))
+                                          batch, seed, scale, group, common_noise, exploration_noise, bins))
     finally:
         services.stop()
-    result = {"machine": info, "common_noise": common_noise, "exploration_noise": exploration_noise, "store": str(store), "data": str(data), "versions": {
+    result = {"machine": info, "common_noise": common_noise, "exploration_noise": exploration_noise,
+              "proposal_bins": bins, "store": str(store), "data": str(data), "versions": {
         "policy": policy_v, "value": value_v, "learned_dynamics": learned, "oracle_dynamics": oracle}, **result}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(out.with_suffix(".png"), adv, result)

@@ -448,3 +448,31 @@ def test_exploration_noise_is_added_to_the_proposed_chunks(store, services, tmp_
 
     plain, noisy = asyncio.run(first_round(0.0)), asyncio.run(first_round(0.5))
     assert 0.4 < float(np.std(noisy - plain)) < 0.6  # the same starts and policy samples, plus the noise
+
+
+def test_proposal_bins_prompt_each_group_position_with_its_own_bin(store, services, tmp_path):
+    from rise.data.loading import load_episodes_in_memory
+    from services.trainer.replay import decode_sample
+    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
+
+    with pytest.raises(ValueError, match="one bin in 1..10 per group position"):
+        _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
+                                              "rollout.proposal_bins": "[10, 7, 4]"})
+    folder, registry = store
+    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
+
+    async def first_round(bins: str):
+        config = _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
+                                                        "rollout.policy_version": "stable", "rollout.proposal_bins": bins})
+        clients = await open_clients(config.services)
+        try:
+            rollouts = Rollouts(config.rollout, config.services, clients, starts, "prompt-test", seed=5)
+            return np.stack([decode_sample(p).actions for p in await rollouts.round(frame_encoding="raw")])
+        finally:
+            for client in clients:
+                await client.close()
+
+    best, mixed = asyncio.run(first_round("[10, 10]")), asyncio.run(first_round("[10, 1]"))
+    # The same starts and noise: the first position of each group asks for bin 10 both times, the second for 1.
+    np.testing.assert_allclose(best[0::2], mixed[0::2], atol=1e-5)
+    assert not np.allclose(best[1::2], mixed[1::2], atol=1e-3)

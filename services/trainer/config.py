@@ -72,6 +72,10 @@ class RolloutConfig(StrictModel):
     # Std of Gaussian noise added to every proposed chunk's actions before it is imagined (and
     # stored): more different chunks per start, easier to rank. 0 = the policy's own samples.
     exploration_noise: float = Field(0.0, ge=0)
+    # The bin each position of a group is prompted with, e.g. [10, 7, 4, 1]: proposals that differ
+    # more than one prompt's samples (a group's rank is only informative if its chunks differ).
+    # Empty = every position gets `advantage_bin` (the reference).
+    proposal_bins: list[int] = Field(default_factory=list)
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)
@@ -85,6 +89,10 @@ class RolloutConfig(StrictModel):
         if self.workers % self.group_size:
             raise ValueError(f"rollout.workers ({self.workers}) must be a multiple of rollout.group_size "
                              f"({self.group_size}): every start is rolled out by a whole group")
+        if self.proposal_bins and (len(self.proposal_bins) != self.group_size
+                                   or not all(1 <= b <= 10 for b in self.proposal_bins)):
+            raise ValueError(f"rollout.proposal_bins ({self.proposal_bins}) must hold one bin in 1..10 per group "
+                             f"position (group_size {self.group_size}), or be empty")
         return self
 
 

@@ -3,7 +3,8 @@
 Each worker holds one imagined episode. A round moves every worker one chunk forward with one
 batched call per service (the services see batches, not a trickle of single requests):
 
-    policy.act(current frames, state, task, best bin)        -> chunk          (alias `candidate`)
+    policy.act(current frames, state, task, best bin)        -> chunk          (alias `candidate`;
+                                                                 `proposal_bins`: a bin per group position)
     dynamics.imagine(frame history, chunk)                    -> imagined frames
     value.score([current frame, imagined frames])             -> V
     A = clamp(5 * mean(V(imagined) - V(current)), -1, 1), bin = digitize(A)   -> replay stream
@@ -54,6 +55,11 @@ def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: fl
         a = ((groups - groups.mean(axis=1, keepdims=True)) / (groups.std(axis=1, keepdims=True) + 1e-6)).reshape(-1)
     a = np.clip(a, -1.0, 1.0)
     return a.astype(np.float32), np.digitize(a, BIN_EDGES).astype(np.int64)
+
+
+def prompts(cfg: RolloutConfig, rows: int) -> list[int]:
+    """The bin each of `rows` workers (whole groups, in order) asks the policy for."""
+    return (cfg.proposal_bins or [cfg.advantage_bin] * cfg.group_size) * (rows // cfg.group_size)
 
 
 async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int, seed: int,
@@ -198,7 +204,7 @@ class Rollouts:
 
         t0 = time.perf_counter()
         chunks = await self._call("policy.act", lambda: self.policy.act(
-            current, states, tasks, [cfg.advantage_bin] * len(workers), cfg.policy_steps, seed,
+            current, states, tasks, prompts(cfg, len(workers)), cfg.policy_steps, seed,
             version=policy_version or cfg.policy_version, timeout_s=timeout))
         if cfg.exploration_noise:
             noise = self.rng.normal(0.0, cfg.exploration_noise, chunks.actions.shape).astype(np.float32)
