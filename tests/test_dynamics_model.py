@@ -180,6 +180,41 @@ def test_frame_conditioning_starts_as_the_cross_attention_model_and_then_follows
         torch.testing.assert_close(v(reloaded, actions), v(framed, actions), rtol=0, atol=1e-5)
 
 
+def test_predict_change_generates_the_difference_from_the_last_history_frame(tmp_path):
+    """`predict_change`: flow matching runs on future - last history latent, and sampling adds it back."""
+    import torch
+
+    from rise.data.stats import ActionNormalizer
+    from services.dynamics.model import build_model, load_model, load_model_config
+    from services.dynamics.sampler import sample_future_latents
+
+    normalizer = ActionNormalizer(np.full(EMB.action_dim, -1, np.float32), np.ones(EMB.action_dim, np.float32))
+    # logit-normal mean 50: every training sigma is 1 (pure noise), so the true velocity is x_t - target.
+    models = {flag: build_model(load_model_config("tiny", {"predict_change": flag,
+                                                           "training.transformer.logit_normal_mean": 50.0}),
+                                normalizer).eval() for flag in (False, True)}
+    config = models[True].config
+    g = torch.Generator().manual_seed(1)
+    c, h, w = config.autoencoder.latent_channels, config.latent_height, config.latent_width
+    history = torch.randn(2, len(EMB.views), c, config.history_latent_frames, h, w, generator=g)
+    actions = models[True].encode_actions(torch.rand(2, EMB.chunk_length, EMB.action_dim, generator=g) * 2 - 1)
+    last = history[:, :, :, -1:]
+    with torch.no_grad():
+        # A scene that does not move is a zero target with predict_change: then v = x_t is exact.
+        for model in models.values():
+            model.velocity = lambda history, noisy, t, tokens: noisy  # noqa: E731
+        static = last.expand(-1, -1, -1, config.future_latent_frames, -1, -1)
+        assert models[True].flow_matching_loss(history, static, torch.zeros(2, EMB.chunk_length, EMB.action_dim)).item() < 1e-6
+        assert models[False].flow_matching_loss(history, static, torch.zeros(2, EMB.chunk_length, EMB.action_dim)).item() > 0.1
+        # Sampling with a velocity of zero keeps the starting noise: plus the last frame only with predict_change.
+        for model in models.values():
+            model.velocity = lambda history, future, t, tokens: torch.zeros_like(future)  # noqa: E731
+        seeds = [(3, 0), (3, 1)]
+        plain, change = (sample_future_latents(models[f], history, actions, 4, seeds) for f in (False, True))
+        torch.testing.assert_close(change - plain, last.expand_as(plain), rtol=0, atol=1e-5)
+    assert load_model(build_model(config, normalizer).save(tmp_path / "change")).config.predict_change
+
+
 def test_a_group_imagined_with_common_noise_differs_only_by_its_actions(trained):
     """rollout.common_noise: the chunks of one start share their starting noise, so the same chunk
     twice gets the same future (with independent noise it does not) and only actions tell them apart."""

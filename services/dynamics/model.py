@@ -180,6 +180,10 @@ class DynamicsModelConfig(ModelTierConfig):
     default_num_steps: int = Field(10, gt=0)
     # FlowMatchEulerDiscreteScheduler's shift (> 1 spends more steps at high noise).
     scheduler_shift: float = Field(1.0, gt=0)
+    # The transformer generates the change from the last history latent frame (future - last),
+    # added back after sampling: static content comes for free, so training spends itself on what
+    # moves, which is what the actions decide. False: the future latents themselves.
+    predict_change: bool = False
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     transformer: TransformerConfig = TransformerConfig()
     action_encoder: ActionEncoderConfig = ActionEncoderConfig()
@@ -511,9 +515,15 @@ def _modules():
             per_token = per_frame[:, None, :, None].expand(b, len(self.views), -1, tokens, -1)  # B V t hw width
             return per_token.reshape(b, -1, per_frame.shape[-1])
 
+        def anchor(self, history):
+            """What the generated latents are relative to: the last history latent frame with
+            `predict_change`, else nothing (zero)."""
+            return history[:, :, :, -1:] if self.config.predict_change else history.new_zeros(())
+
         def flow_matching_loss(self, history, future, normalized_actions, generator=None):
             """Velocity-matching loss on the future latents only (history tokens are conditioning)."""
             cfg = self.config.training.transformer
+            future = future - self.anchor(history)
             b = future.shape[0]
             logits = torch.randn(b, generator=generator, device=future.device) * cfg.logit_normal_std
             sigma = torch.sigmoid(logits + cfg.logit_normal_mean)

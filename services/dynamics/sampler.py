@@ -5,6 +5,7 @@
     for t in FlowMatchEulerDiscreteScheduler(num_steps).timesteps:
         v = transformer(history + future tokens, per-token timesteps, action tokens)
         future = scheduler.step(v, t, future)
+    (+ the last history latent frame, with predict_change)
     future latents --decode--> uint8 frames
 
 Seeds: item b of a call with seed s starts from noise drawn with torch.Generator seeded from
@@ -54,7 +55,7 @@ def sample_future_latents(model, history_latents, action_tokens, num_steps: int,
     for t in scheduler.timesteps:
         velocity = model.velocity(history_latents, future, t.expand(b), action_tokens)
         future = scheduler.step(velocity, t, future).prev_sample.to(history_latents.dtype)
-    return future
+    return future + model.anchor(history_latents)
 
 
 class LatentWorldModel:
