@@ -76,7 +76,8 @@ def _history(starts: list, shape) -> tuple[dict, list | None]:
 
 async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, policy: str, value: str, starts: int,
                   batch: int, seed: int, scale: float, group: int = 1, common_noise: bool = True,
-                  exploration_noise: float = 0.0, proposal_bins: list[int] | None = None) -> dict:
+                  exploration_noise: float = 0.0, proposal_bins: list[int] | None = None,
+                  exploration_offset: float = 0.0) -> dict:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.transport import connect_dynamics, connect_policy, connect_value
@@ -120,7 +121,8 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
         if group > 1:
             await measure_groups(out, pol, dyn, val, begin, frames, shapes, learned, oracle, policy, value, group,
-                                 max(1, batch // group), rng, common_noise, exploration_noise, proposal_bins or [])
+                                 max(1, batch // group), rng, common_noise, exploration_noise, proposal_bins or [],
+                                 exploration_offset)
 
     adv, bins = {}, {}
     for name in ("oracle", "learned", "control", "oracle_control"):
@@ -153,9 +155,10 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
 
 async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarray, shapes: dict, learned: str,
                          oracle: str, policy: str, value: str, group: int, starts_per_call: int, rng,
-                         common_noise: bool, exploration_noise: float, proposal_bins: list[int]) -> None:
+                         common_noise: bool, exploration_noise: float, proposal_bins: list[int],
+                         exploration_offset: float) -> None:
     """G policy chunks per start (as the trainer's groups), imagined by both models and scored."""
-    from services.trainer.rollout import imagine_groups
+    from services.trainer.rollout import explore, imagine_groups
 
     out["group_oracle"], out["group_learned"] = [], []
     for i in range(0, len(frames), starts_per_call):
@@ -165,9 +168,8 @@ async def measure_groups(out: dict, pol, dyn, val, begin: dict, frames: np.ndarr
         call_seed = int(rng.integers(1, 2**62))
         prompts = (proposal_bins or [10] * group) * (len(g) // group)  # as the trainer's rollout.proposal_bins
         chunks = await pol.act(now, states, tasks, prompts, seed=call_seed, version=policy, timeout_s=300)
-        if exploration_noise:  # as the trainer's rollout.exploration_noise
-            chunks = chunks._replace(actions=chunks.actions + rng.normal(0.0, exploration_noise, chunks.actions.shape)
-                                     .astype(np.float32))
+        if exploration_noise or exploration_offset:  # as the trainer's rollout.exploration_noise and _offset
+            chunks = chunks._replace(actions=explore(chunks.actions, rng, exploration_noise, exploration_offset))
         for name, version in (("oracle", oracle), ("learned", learned)):
             history, sims = _history(by[name], shapes[name])
             result = await imagine_groups(dyn, history, chunks.actions, 0, call_seed, group, common_noise,
@@ -243,6 +245,7 @@ def main(
     group: int = typer.Option(1, min=1, help="The trainer's rollout.group_size: also compare group-relative advantages."),
     common_noise: bool = typer.Option(True, help="The trainer's rollout.common_noise (a group's chunks share their noise)."),
     exploration_noise: float = typer.Option(0.0, help="The trainer's rollout.exploration_noise (groups only)."),
+    exploration_offset: float = typer.Option(0.0, help="The trainer's rollout.exploration_offset (groups only)."),
     proposal_bins: str = typer.Option("", help="The trainer's rollout.proposal_bins, e.g. 10,7,4,1 (groups only; empty: all 10)."),
     out: Path = typer.Option(ROOT / "bench" / "advantage_agreement.json"),
 ) -> None:
@@ -267,11 +270,12 @@ def main(
     try:
         asyncio.run(services.wait_ready())
         result, adv = asyncio.run(measure(services.urls, registry, data, learned, oracle, policy_v, value_v, starts,
-                                          batch, seed, scale, group, common_noise, exploration_noise, bins))
+                                          batch, seed, scale, group, common_noise, exploration_noise, bins,
+                                          exploration_offset))
     finally:
         services.stop()
     result = {"machine": info, "common_noise": common_noise, "exploration_noise": exploration_noise,
-              "proposal_bins": bins, "store": str(store), "data": str(data), "versions": {
+              "exploration_offset": exploration_offset, "proposal_bins": bins, "store": str(store), "data": str(data), "versions": {
         "policy": policy_v, "value": value_v, "learned_dynamics": learned, "oracle_dynamics": oracle}, **result}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(out.with_suffix(".png"), adv, result)

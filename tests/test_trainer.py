@@ -427,7 +427,7 @@ def test_a_rollout_group_shares_its_start_chains_in_step_and_restarts_together(s
     assert {s.advantage_bin for r in samples for s in r} == {6}
 
 
-def test_exploration_noise_is_added_to_the_proposed_chunks(store, services, tmp_path):
+def test_exploration_noise_and_offset_are_added_to_the_proposed_chunks(store, services, tmp_path):
     from rise.data.loading import load_episodes_in_memory
     from services.trainer.replay import decode_sample
     from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
@@ -435,9 +435,10 @@ def test_exploration_noise_is_added_to_the_proposed_chunks(store, services, tmp_
     folder, registry = store
     starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
 
-    async def first_round(noise: float):
+    async def first_round(noise: float, offset: float = 0.0):
         config = _config(store, services, tmp_path, **{"rollout.workers": "8", "rollout.policy_version": "stable",
-                                                        "rollout.exploration_noise": str(noise)})
+                                                        "rollout.exploration_noise": str(noise),
+                                                        "rollout.exploration_offset": str(offset)})
         clients = await open_clients(config.services)
         try:
             rollouts = Rollouts(config.rollout, config.services, clients, starts, "noise-test", seed=5)
@@ -448,6 +449,9 @@ def test_exploration_noise_is_added_to_the_proposed_chunks(store, services, tmp_
 
     plain, noisy = asyncio.run(first_round(0.0)), asyncio.run(first_round(0.5))
     assert 0.4 < float(np.std(noisy - plain)) < 0.6  # the same starts and policy samples, plus the noise
+    offset = asyncio.run(first_round(0.0, 0.5)) - plain  # one offset per chunk and dimension, every step
+    np.testing.assert_allclose(offset, np.repeat(offset[:, :1], offset.shape[1], axis=1), atol=1e-5)
+    assert 0.3 < float(np.std(offset[:, 0])) < 0.7
 
 
 def test_proposal_bins_prompt_each_group_position_with_its_own_bin(store, services, tmp_path):

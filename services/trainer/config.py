@@ -72,6 +72,9 @@ class RolloutConfig(StrictModel):
     # Std of Gaussian noise added to every proposed chunk's actions before it is imagined (and
     # stored): more different chunks per start, easier to rank. 0 = the policy's own samples.
     exploration_noise: float = Field(0.0, ge=0)
+    # Std of one Gaussian offset per chunk and action dimension, added to every step of the chunk:
+    # with delta actions, per-step noise averages out over a chunk, an offset moves the arm.
+    exploration_offset: float = Field(0.0, ge=0)
     # The bin each position of a group is prompted with, e.g. [10, 7, 4, 1]: proposals that differ
     # more than one prompt's samples (a group's rank is only informative if its chunks differ).
     # Empty = every position gets `advantage_bin` (the reference).

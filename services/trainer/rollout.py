@@ -62,6 +62,12 @@ def prompts(cfg: RolloutConfig, rows: int) -> list[int]:
     return (cfg.proposal_bins or [cfg.advantage_bin] * cfg.group_size) * (rows // cfg.group_size)
 
 
+def explore(actions: np.ndarray, rng: np.random.Generator, noise: float, offset: float) -> np.ndarray:
+    """[B, chunk, A] + per-step noise (std `noise`) + one offset per chunk and dimension (std `offset`)."""
+    b, _, a = actions.shape
+    return (actions + rng.normal(0.0, noise, actions.shape) + rng.normal(0.0, offset, (b, 1, a))).astype(np.float32)
+
+
 async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int, seed: int,
                          group_size: int, common_noise: bool, *, tasks: list[str] | None = None,
                          sim_states: list | None = None, **kwargs):
@@ -206,9 +212,9 @@ class Rollouts:
         chunks = await self._call("policy.act", lambda: self.policy.act(
             current, states, tasks, prompts(cfg, len(workers)), cfg.policy_steps, seed,
             version=policy_version or cfg.policy_version, timeout_s=timeout))
-        if cfg.exploration_noise:
-            noise = self.rng.normal(0.0, cfg.exploration_noise, chunks.actions.shape).astype(np.float32)
-            chunks = chunks._replace(actions=chunks.actions + noise)
+        if cfg.exploration_noise or cfg.exploration_offset:
+            chunks = chunks._replace(actions=explore(chunks.actions, self.rng, cfg.exploration_noise,
+                                                     cfg.exploration_offset))
         t1 = time.perf_counter()
         history = {v: np.stack([w.history[v] for w in workers]) for v in views}
         sim_states = [w.sim_state for w in workers] if self.starts.shape.needs_sim_state else None
