@@ -182,7 +182,9 @@ class DynamicsModelConfig(ModelTierConfig):
     scheduler_shift: float = Field(1.0, gt=0)
     # The transformer generates the change from the last history latent frame (future - last),
     # added back after sampling: static content comes for free, so training spends itself on what
-    # moves, which is what the actions decide. False: the future latents themselves.
+    # moves, which is what the actions decide. False: the future latents themselves. Off: measured
+    # on pick-place (small tier) it was worse on every image measure and no more action-following
+    # (bench/RESULTS.md).
     predict_change: bool = False
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     transformer: TransformerConfig = TransformerConfig()
