@@ -427,56 +427,51 @@ def test_a_rollout_group_shares_its_start_chains_in_step_and_restarts_together(s
     assert {s.advantage_bin for r in samples for s in r} == {6}
 
 
-def test_exploration_noise_and_offset_are_added_to_the_proposed_chunks(store, services, tmp_path):
+def _first_round_actions(store, services, tmp_path, **overrides) -> np.ndarray:
+    """The chunks [workers, chunk, A] of one rollout round (seed 5) with these config overrides."""
     from rise.data.loading import load_episodes_in_memory
     from services.trainer.replay import decode_sample
     from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
 
     folder, registry = store
     starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
+    config = _config(store, services, tmp_path, **{"rollout.policy_version": "stable", **overrides})
 
-    async def first_round(noise: float, offset: float = 0.0):
-        config = _config(store, services, tmp_path, **{"rollout.workers": "8", "rollout.policy_version": "stable",
-                                                        "rollout.exploration_noise": str(noise),
-                                                        "rollout.exploration_offset": str(offset)})
+    async def first_round():
         clients = await open_clients(config.services)
         try:
-            rollouts = Rollouts(config.rollout, config.services, clients, starts, "noise-test", seed=5)
+            rollouts = Rollouts(config.rollout, config.services, clients, starts, "round-test", seed=5)
             return np.stack([decode_sample(p).actions for p in await rollouts.round(frame_encoding="raw")])
         finally:
             for client in clients:
                 await client.close()
 
-    plain, noisy = asyncio.run(first_round(0.0)), asyncio.run(first_round(0.5))
+    return asyncio.run(first_round())
+
+
+def test_exploration_noise_and_offset_are_added_to_the_proposed_chunks(store, services, tmp_path):
+    def actions(noise: float, offset: float = 0.0):
+        return _first_round_actions(store, services, tmp_path, **{"rollout.workers": "8",
+                                                                 "rollout.exploration_noise": str(noise),
+                                                                 "rollout.exploration_offset": str(offset)})
+
+    plain, noisy = actions(0.0), actions(0.5)
     assert 0.4 < float(np.std(noisy - plain)) < 0.6  # the same starts and policy samples, plus the noise
-    offset = asyncio.run(first_round(0.0, 0.5)) - plain  # one offset per chunk and dimension, every step
+    offset = actions(0.0, 0.5) - plain  # one offset per chunk and dimension, every step
     np.testing.assert_allclose(offset, np.repeat(offset[:, :1], offset.shape[1], axis=1), atol=1e-5)
     assert 0.3 < float(np.std(offset[:, 0])) < 0.7
 
 
 def test_proposal_bins_prompt_each_group_position_with_its_own_bin(store, services, tmp_path):
-    from rise.data.loading import load_episodes_in_memory
-    from services.trainer.replay import decode_sample
-    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
-
     with pytest.raises(ValueError, match="one bin in 1..10 per group position"):
         _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
                                               "rollout.proposal_bins": "[10, 7, 4]"})
-    folder, registry = store
-    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
 
-    async def first_round(bins: str):
-        config = _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
-                                                        "rollout.policy_version": "stable", "rollout.proposal_bins": bins})
-        clients = await open_clients(config.services)
-        try:
-            rollouts = Rollouts(config.rollout, config.services, clients, starts, "prompt-test", seed=5)
-            return np.stack([decode_sample(p).actions for p in await rollouts.round(frame_encoding="raw")])
-        finally:
-            for client in clients:
-                await client.close()
+    def actions(bins: str):
+        return _first_round_actions(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
+                                                                 "rollout.proposal_bins": bins})
 
-    best, mixed = asyncio.run(first_round("[10, 10]")), asyncio.run(first_round("[10, 1]"))
+    best, mixed = actions("[10, 10]"), actions("[10, 1]")
     # The same starts and noise: the first position of each group asks for bin 10 both times, the second for 1.
     np.testing.assert_allclose(best[0::2], mixed[0::2], atol=1e-5)
     assert not np.allclose(best[1::2], mixed[1::2], atol=1e-3)
