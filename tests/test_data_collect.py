@@ -9,6 +9,7 @@ MetaWorldSim.reset draws layouts from a seed; if that changes, pick another seed
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,14 @@ def test_loader_and_task_centric_batches(collected, tmp_path):
     assert batch["action"].shape == (4, EMB.chunk_length, EMB.action_dim)
     with pytest.raises(ValueError, match="hold 2 task"):
         TaskBatchSampler(frames, tasks_per_batch=3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SVT-AV1 raises the encoding thread's priority only for root")
+def test_writing_a_dataset_keeps_the_thread_scheduling(tmp_path, sim):
+    """SVT-AV1 puts the thread that encodes under SCHED_FIFO 99 as root and leaves it there; a
+    process that wrote a dataset must not starve the machine afterwards."""
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    writer = DatasetWriter(tmp_path / "d", EMB, sim_state_dim=sim.state_size)
+    writer.add(run_episode(sim, episode_seed(0, 0), NOISE, 0.0, AFTER_SUCCESS)[0])
+    writer.finalize()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

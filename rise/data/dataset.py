@@ -16,6 +16,7 @@ A dataset's `meta/info.json` is LeRobot's; we add nothing to it. Normalisation s
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,24 @@ class Episode:
         return len(self.states)
 
 
+@contextmanager
+def _keeping_scheduling():
+    """Run video encoding without it changing the calling thread's scheduling.
+
+    SVT-AV1 (LeRobot's AV1 encoder, through PyAV) switches the thread that opens an encoder to
+    SCHED_FIFO priority 99 when the process runs as root (containers, this lab's machines), and
+    leaves it there: a process that once wrote a dataset then starves every other process on the
+    machine, the robot agent's control loop included. Measured on a 2-core machine: RL learner
+    steps 10x slower, the agent's watchdog late. The old policy is put back after each episode.
+    """
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
 class DatasetWriter:
     """Writes episodes into a new LeRobot dataset at `root` (which must not exist yet)."""
 
@@ -99,7 +118,8 @@ class DatasetWriter:
             self.dataset.add_frame(frame)
         # Sequential encoding: LeRobot's parallel mode forks a process pool from this (threaded)
         # process, which deadlocked `rise data collect --workers 2` once (fork after threads).
-        self.dataset.save_episode(parallel_encoding=False)
+        with _keeping_scheduling():
+            self.dataset.save_episode(parallel_encoding=False)
 
     def finalize(self) -> None:
         self.dataset.finalize()
