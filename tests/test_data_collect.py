@@ -188,6 +188,36 @@ def test_loader_and_task_centric_batches(collected, tmp_path):
         TaskBatchSampler(frames, tasks_per_batch=3)
 
 
+def test_offset_noise_holds_one_offset_per_block():
+    """`--offset-noise`: the executed action is the expert's plus one offset per 8-step block (where
+    clipping leaves it alone), and episodes without offsets stay exactly as before."""
+    from rise.sim.metaworld_sim import expert_policy
+
+    quiet = MetaWorldSim(TASK, EMB, max_steps=MAX_STEPS, render=False)
+    try:
+        seed = episode_seed(SEED, 1)
+        plain, _ = run_episode(quiet, seed, NOISE, 0.0, MAX_STEPS)
+        assert np.array_equal(plain.actions, run_episode(quiet, seed, NOISE, 0.0, MAX_STEPS, offset_noise=0.0)[0].actions)
+        episode, _ = run_episode(quiet, seed, 0.0, 0.0, MAX_STEPS, offset_noise=0.3, offset_every=8)
+        # Replay the recorded actions and ask the (deterministic) expert what it would have done.
+        expert, frame, residuals = expert_policy(quiet.task), quiet.reset(seed), []
+        for action in episode.actions:
+            wanted = np.asarray(expert.get_action(frame.raw_obs), np.float32)
+            residuals.append(np.where(np.abs(action) < 0.999, action - wanted, np.nan))
+            frame = quiet.step(action)
+    finally:
+        quiet.close()
+    blocks = [np.array(residuals[i:i + 8]) for i in range(0, len(residuals), 8)]
+    offsets = []
+    for block in blocks:
+        for dim in range(4):
+            values = block[:, dim][~np.isnan(block[:, dim])]
+            if len(values) >= 2:
+                assert np.ptp(values) < 1e-5, (dim, values)  # one offset for the whole block
+                offsets.append(values[0])
+    assert len(offsets) >= 8 and np.std(offsets) > 0.1  # and a different one per block
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="SVT-AV1 raises the encoding thread's priority only for root")
 def test_writing_a_dataset_keeps_the_thread_scheduling(tmp_path, sim):
     """SVT-AV1 puts the thread that encodes under SCHED_FIFO 99 as root and leaves it there; a

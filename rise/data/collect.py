@@ -2,7 +2,10 @@
 
 Why noise and perturbations: RISE's value and dynamics models must see failures and recoveries,
 not only clean expert runs. Every step gets Gaussian action noise; some episodes also get a
-burst of random actions at a random time. Actions are clipped to MetaWorld's [-1, 1] box
+burst of random actions at a random time. `--offset-noise` adds one more Gaussian offset per
+block of `--offset-every` steps (a policy chunk's length): per-step noise on delta actions averages
+out within a chunk, an offset held for a chunk moves the arm somewhere else, which is what a world
+model needs to see to learn what an action chunk does. Actions are clipped to MetaWorld's [-1, 1] box
 (clipping shrinks the noise where the expert saturates); the clipped, executed action is the
 one recorded.
 
@@ -53,7 +56,8 @@ def _worker_init(task: str, max_steps: int) -> None:
     _worker_sim = MetaWorldSim(task, PRESETS["metaworld"], max_steps=max_steps)
 
 
-def run_episode(sim, seed: int, noise: float, perturb_prob: float, after_success: int):
+def run_episode(sim, seed: int, noise: float, perturb_prob: float, after_success: int,
+                offset_noise: float = 0.0, offset_every: int = 8):
     """One episode on `sim`; returns (Episode, info dict). Used by workers and by the benchmarks."""
     import warnings
 
@@ -73,16 +77,21 @@ def run_episode(sim, seed: int, noise: float, perturb_prob: float, after_success
         start = int(rng.integers(0, max(1, int(sim.max_steps * BURST_START_FRACTION))))
         burst = (start, start + length)
 
+    # Offsets draw from their own stream: episodes without them stay exactly as before.
+    offsets = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+    offset = np.zeros(4)
     frame = sim.reset(seed)
     views = {v: [] for v in frame.views}  # none from a sim built with render=False (outcome studies)
     states, actions, sim_states = [], [], []
     first_success = None
     while not sim.done:
         t = sim.steps
+        if offset_noise > 0 and t % offset_every == 0:
+            offset = offsets.normal(0.0, offset_noise, size=4)
         if burst and burst[0] <= t < burst[1]:
             action = rng.uniform(-1.0, 1.0, size=4)
         else:
-            action = expert.get_action(frame.raw_obs) + rng.normal(0.0, noise, size=4)
+            action = expert.get_action(frame.raw_obs) + rng.normal(0.0, noise, size=4) + offset
         action = np.clip(action, -1.0, 1.0).astype(np.float32)
         for v in views:
             views[v].append(frame.views[v])
@@ -102,14 +111,15 @@ def run_episode(sim, seed: int, noise: float, perturb_prob: float, after_success
                      "first_success_step": first_success, "perturbation": list(burst) if burst else None}
 
 
-def _worker_episode(job: tuple[int, int, float, float, int]):
-    index, seed, noise, perturb_prob, after_success = job
-    episode, info = run_episode(_worker_sim, seed, noise, perturb_prob, after_success)
+def _worker_episode(job: tuple[int, int, float, float, int, float, int]):
+    index, seed, noise, perturb_prob, after_success, offset_noise, offset_every = job
+    episode, info = run_episode(_worker_sim, seed, noise, perturb_prob, after_success, offset_noise, offset_every)
     return index, episode, info
 
 
 def collect(task: str, episodes: int, out: Path, noise: float = 0.2, workers: int = 1, seed: int = 0,
-            max_steps: int = 200, perturb_prob: float = 0.2, after_success: int = 10, progress: bool = True) -> dict:
+            max_steps: int = 200, perturb_prob: float = 0.2, after_success: int = 10, progress: bool = True,
+            offset_noise: float = 0.0, offset_every: int = 8) -> dict:
     """Collect `episodes` episodes of `task` into a new dataset at `out`; returns the summary."""
     import json
     import multiprocessing
@@ -126,8 +136,9 @@ def collect(task: str, episodes: int, out: Path, noise: float = 0.2, workers: in
 
     if episodes < 1 or workers < 1 or max_steps < 1 or after_success < 0:
         raise ValueError("episodes, workers and max-steps must be >= 1 and after-success >= 0")
-    if noise < 0 or not 0 <= perturb_prob <= 1:
-        raise ValueError(f"noise must be >= 0 and perturb-prob in [0, 1] (got {noise}, {perturb_prob})")
+    if noise < 0 or offset_noise < 0 or offset_every < 1 or not 0 <= perturb_prob <= 1:
+        raise ValueError(f"noise and offset-noise must be >= 0, offset-every >= 1 and perturb-prob in [0, 1] "
+                         f"(got {noise}, {offset_noise}, {offset_every}, {perturb_prob})")
     # Quiet the libraries under our progress bar: SVT-AV1 prints its config for every video file.
     os.environ.setdefault("SVT_LOG", "1")
     datasets.disable_progress_bars()
@@ -139,7 +150,8 @@ def collect(task: str, episodes: int, out: Path, noise: float = 0.2, workers: in
     task, state_size = probe.task, probe.state_size
     probe.close()
 
-    jobs = [(i, episode_seed(seed, i), noise, perturb_prob, after_success) for i in range(episodes)]
+    jobs = [(i, episode_seed(seed, i), noise, perturb_prob, after_success, offset_noise, offset_every)
+            for i in range(episodes)]
     writer = DatasetWriter(out, embodiment, sim_state_dim=state_size)
     infos: list[dict] = []
     frames = 0
@@ -165,7 +177,8 @@ def collect(task: str, episodes: int, out: Path, noise: float = 0.2, workers: in
                "success_rate": successes / len(infos), "seconds": elapsed,
                "episodes_per_minute": 60 * len(infos) / elapsed, "workers": workers}
     record = {"args": {"task": task, "episodes": episodes, "noise": noise, "workers": workers, "seed": seed,
-                       "max_steps": max_steps, "perturb_prob": perturb_prob, "after_success": after_success},
+                       "max_steps": max_steps, "perturb_prob": perturb_prob, "after_success": after_success,
+                       "offset_noise": offset_noise, "offset_every": offset_every},
               "summary": summary, "episodes": infos}
     (out / "meta" / "rise_collect.json").write_text(json.dumps(record, indent=1))
     return summary
@@ -185,10 +198,14 @@ def register(app: typer.Typer) -> None:
                                            help="Per-episode chance of a burst of 5-20 random actions."),
         after_success: int = typer.Option(10, min=0, help="Steps kept after the first success "
                                           "(>= max-steps: fixed-length episodes)."),
+        offset_noise: float = typer.Option(0.0, min=0.0, help="Std of one Gaussian offset per block of "
+                                           "--offset-every steps, added to every action in it (0: off)."),
+        offset_every: int = typer.Option(8, min=1, help="Steps per offset block (a policy chunk's length)."),
     ) -> None:
         """Collect noisy scripted-expert MetaWorld episodes into a LeRobot dataset."""
         s = collect(task, episodes, out, noise=noise, workers=workers, seed=seed, max_steps=max_steps,
-                    perturb_prob=perturb_prob, after_success=after_success)
+                    perturb_prob=perturb_prob, after_success=after_success, offset_noise=offset_noise,
+                    offset_every=offset_every)
         typer.echo(f"{s['episodes']} episodes, {s['frames']} frames, success rate {s['success_rate']:.0%} "
                    f"({s['successes']}/{s['episodes']}), {s['episodes_per_minute']:.1f} episodes/min "
                    f"with {s['workers']} worker(s) -> {out}")
