@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +93,10 @@ class ServiceProcesses:
     def __init__(self, store: Path, logs: Path, models: tuple[str, ...] = MODELS, extra: dict[str, str] | None = None):
         """`extra`: more YAML for a model's service config, e.g. {"dynamics": "pin: {learned: v0002}"}."""
         self.urls, self.procs, self.logs = {}, {}, logs
+        if threading.current_thread() is threading.main_thread():
+            # Killed with SIGTERM (kill, timeout), a benchmark unwinds through its `finally: stop()`
+            # instead of leaving the servers running on their ports (seen: three orphans after a kill).
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         logs.mkdir(parents=True, exist_ok=True)
         rise = Path(sys.executable).parent / "rise"
         for name in models:
