@@ -16,6 +16,7 @@ A dataset's `meta/info.json` is LeRobot's; we add nothing to it. Normalisation s
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,20 +72,39 @@ class Episode:
 
 @contextmanager
 def _keeping_scheduling():
-    """Run video encoding without it changing the calling thread's scheduling.
+    """Run video encoding without it changing any thread's scheduling.
 
     SVT-AV1 (LeRobot's AV1 encoder, through PyAV) switches the thread that opens an encoder to
     SCHED_FIFO priority 99 when the process runs as root (containers, this lab's machines), and
-    leaves it there: a process that once wrote a dataset then starves every other process on the
-    machine, the robot agent's control loop included. Measured on a 2-core machine: RL learner
-    steps 10x slower, the agent's watchdog late. The old policy is put back after each episode.
+    leaves it there; threads started meanwhile (a progress monitor, decoder workers) inherit it.
+    A process that once wrote a dataset then starves every other process on the machine, the
+    robot agent's control loop included (measured on a 2-core machine: RL learner steps 10x
+    slower, the agent's watchdog late). After each episode every thread gets its old policy back,
+    and threads born during the encode get the caller's.
     """
-    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    before = _thread_policies()
+    caller = before[threading.get_native_id()]
     try:
         yield
     finally:
-        if os.sched_getscheduler(0) != policy:
-            os.sched_setscheduler(0, policy, param)
+        for tid, policy in _thread_policies().items():
+            wanted = before.get(tid, caller)
+            if policy[0] != wanted[0]:
+                try:
+                    os.sched_setscheduler(tid, wanted[0], os.sched_param(wanted[1]))
+                except (ProcessLookupError, PermissionError):
+                    pass  # the thread ended meanwhile, or is not ours to change
+
+
+def _thread_policies() -> dict[int, tuple[int, int]]:
+    """Every thread of this process: native id -> (scheduling policy, priority)."""
+    policies = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            policies[int(task)] = (os.sched_getscheduler(int(task)), os.sched_getparam(int(task)).sched_priority)
+        except ProcessLookupError:
+            pass  # ended between listing and asking
+    return policies
 
 
 class DatasetWriter:
