@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,8 @@ def test_writing_a_dataset_keeps_the_thread_scheduling(tmp_path, sim):
     writer.add(run_episode(sim, episode_seed(0, 0), NOISE, 0.0, AFTER_SUCCESS)[0])
     writer.finalize()
     assert real_time_threads() == []  # the caller and the threads started while it encoded
+    started = []  # and a thread the caller starts afterwards (glibc hands down what SVT set)
+    thread = threading.Thread(target=lambda: started.append(os.sched_getscheduler(0)))
+    thread.start()
+    thread.join()
+    assert started == [os.SCHED_OTHER]

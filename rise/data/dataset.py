@@ -76,24 +76,42 @@ def _keeping_scheduling():
 
     SVT-AV1 (LeRobot's AV1 encoder, through PyAV) switches the thread that opens an encoder to
     SCHED_FIFO priority 99 when the process runs as root (containers, this lab's machines), and
-    leaves it there; threads started meanwhile (a progress monitor, decoder workers) inherit it.
-    A process that once wrote a dataset then starves every other process on the machine, the
-    robot agent's control loop included (measured on a 2-core machine: RL learner steps 10x
-    slower, the agent's watchdog late). After each episode every thread gets its old policy back,
-    and threads born during the encode get the caller's.
+    leaves it there; threads started meanwhile (decoder workers, thread pools) inherit it. A
+    process that once wrote a dataset then starves every other process on the machine, the robot
+    agent's control loop included (measured on a 2-core machine: RL learner steps 10x slower, the
+    agent's watchdog late). After each episode every thread gets its old policy back, and threads
+    born during the encode get the caller's. The caller is reset through pthread_setschedparam:
+    glibc remembers the policy SVT set through it and gives it to every thread the caller starts
+    later, whatever the kernel says (a plain sched_setscheduler left pytriton's threads FIFO).
     """
     before = _thread_policies()
-    caller = before[threading.get_native_id()]
+    caller_tid = threading.get_native_id()
+    caller = before[caller_tid]
     try:
         yield
     finally:
+        _pthread_setschedparam_self(*caller)
         for tid, policy in _thread_policies().items():
             wanted = before.get(tid, caller)
-            if policy[0] != wanted[0]:
+            if tid != caller_tid and policy[0] != wanted[0]:
                 try:
                     os.sched_setscheduler(tid, wanted[0], os.sched_param(wanted[1]))
                 except (ProcessLookupError, PermissionError):
                     pass  # the thread ended meanwhile, or is not ours to change
+
+
+def _pthread_setschedparam_self(policy: int, priority: int) -> None:
+    import ctypes
+
+    class SchedParam(ctypes.Structure):
+        _fields_ = [("sched_priority", ctypes.c_int)]
+
+    libc = ctypes.CDLL(None)
+    libc.pthread_self.restype = ctypes.c_void_p
+    libc.pthread_setschedparam.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(SchedParam)]
+    error = libc.pthread_setschedparam(libc.pthread_self(), policy, ctypes.byref(SchedParam(priority)))
+    if error:
+        raise OSError(error, f"pthread_setschedparam: {os.strerror(error)}")
 
 
 def _thread_policies() -> dict[int, tuple[int, int]]:
