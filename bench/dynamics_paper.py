@@ -135,10 +135,16 @@ def main() -> int:
     print(f"{args.tier}: {counts['total'] / 1e6:.1f} M parameters {counts}, {config.sequence_length} tokens, built in "
           f"{build_s:.1f} s on {gpu}, weights {args.dtype}")
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
     eager_transformer = model.transformer
     modes = {"eager": eager_transformer}
     if args.compile:
-        modes[f"compile-{args.compile}"] = torch.compile(eager_transformer, mode=args.compile, fullgraph=False)
+        modes[f"compile-{args.compile}"] = torch.compile(eager_transformer, mode=args.compile, fullgraph=False,
+                                                         dynamic=False)  # one graph per batch size, no symbolic shapes
     data = {b: inputs(emb, config.history, b, args.seed) for b in args.batches}
     cells = [(s, b) for s in args.steps for b in args.batches]
     failed: dict[tuple, str] = {}
@@ -181,14 +187,49 @@ def main() -> int:
             torch.cuda.empty_cache()
         return None
 
-    warm_s = {}
+    warm_s: dict[str, float] = {}
+    breakdown: dict = {}
+
+    def table_rows() -> list[dict]:
+        rows = []
+        for mode in modes:
+            for steps, batch in cells:
+                key = (mode, steps, batch)
+                row = {"mode": mode, "num_steps": steps, "batch": batch}
+                if key in times:
+                    a = np.asarray(times[key])
+                    med = float(np.median(a))
+                    row.update(median_s=med, min_s=float(a.min()), max_s=float(a.max()), n=len(a),
+                               s_per_chunk=med / batch, chunks_per_s=batch / med, peak_gib=peak.get(key))
+                    if steps == 25 and batch in REFERENCE_S_PER_CHUNK and args.tier == "paper":
+                        row["reference_s_per_chunk"] = REFERENCE_S_PER_CHUNK[batch]
+                        row["speedup_vs_reference"] = REFERENCE_S_PER_CHUNK[batch] / (med / batch)
+                else:
+                    row["error"] = failed.get(key) or errors.get(mode) or "no timed calls"
+                rows.append(row)
+        return rows
+
+    def save(stage: str) -> None:
+        """Rewrite the JSON after every stage: a run cut short (a lease's time limit) keeps what it measured."""
+        if not args.out:
+            return
+        args.out.write_text(json.dumps({
+            "stage": stage, "tier": args.tier, "device": gpu, "dtype": args.dtype, "compile": args.compile,
+            "repeats": args.repeats, "warmup": args.warmup, "parameters": counts,
+            "sequence_tokens": config.sequence_length, "build_s": build_s, "warmup_s": warm_s,
+            "compile_errors": errors, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": table_rows(),
+            "breakdown_s": {str(b): p for b, p in breakdown.items()}}, indent=2) + "\n")
+
     for mode in modes:  # warm-up (and compilation) per mode, cell by cell
         t = time.perf_counter()
         for steps, batch in cells:
             for _ in range(args.warmup):
                 guarded(mode, steps, batch)
         warm_s[mode] = time.perf_counter() - t
-        print(f"warm-up {mode}: {warm_s[mode]:.1f} s" + (f" (failed: {errors[mode]})" if mode in errors else ""))
+        print(f"warm-up {mode}: {warm_s[mode]:.1f} s" + (f" (failed: {errors[mode]})" if mode in errors else ""),
+              flush=True)
+        save(f"warm-up {mode}")
 
     rng = random.Random(args.seed)
     jobs = [(mode, s, b) for mode in modes for s, b in cells]
@@ -199,27 +240,12 @@ def main() -> int:
             if elapsed is not None:
                 times.setdefault(job, []).append(elapsed)
         print(f"round {r + 1}/{args.repeats} done", flush=True)
+        save(f"round {r + 1}/{args.repeats}")
 
-    breakdown = {}
     if not args.no_breakdown:
-        breakdown = pieces(world, model, emb, config, data, args, sync, torch)
-
-    rows = []
-    for mode in modes:
-        for steps, batch in cells:
-            key = (mode, steps, batch)
-            row = {"mode": mode, "num_steps": steps, "batch": batch}
-            if key in times:
-                a = np.asarray(times[key])
-                med = float(np.median(a))
-                row.update(median_s=med, min_s=float(a.min()), max_s=float(a.max()), n=len(a), s_per_chunk=med / batch,
-                           chunks_per_s=batch / med, peak_gib=peak.get(key))
-                if steps == 25 and batch in REFERENCE_S_PER_CHUNK and args.tier == "paper":
-                    row["reference_s_per_chunk"] = REFERENCE_S_PER_CHUNK[batch]
-                    row["speedup_vs_reference"] = REFERENCE_S_PER_CHUNK[batch] / (med / batch)
-            else:
-                row["error"] = failed.get(key) or errors.get(mode) or "no timed calls"
-            rows.append(row)
+        breakdown.update(pieces(world, model, emb, config, data, args, sync, torch))
+    rows = table_rows()
+    save("done")
 
     print(f"\nimagine, tier {args.tier}, {len(emb.views)} views {config.height}x{config.width}, history {config.history} -> "
           f"{config.future_frames} frames, {config.sequence_length} tokens; {args.dtype} on {gpu}; "
@@ -240,17 +266,6 @@ def main() -> int:
         for batch, parts in breakdown.items():
             print(f"  batch {batch}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
     if args.out:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            commit = ""
-        args.out.write_text(json.dumps({
-            "tier": args.tier, "device": gpu, "dtype": args.dtype, "compile": args.compile, "repeats": args.repeats,
-            "warmup": args.warmup, "parameters": counts, "sequence_tokens": config.sequence_length, "build_s": build_s,
-            "warmup_s": warm_s, "compile_errors": errors, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "commit": commit, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "rows": rows, "breakdown_s": {str(b): p for b, p in breakdown.items()}}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

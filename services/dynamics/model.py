@@ -282,6 +282,10 @@ def _modules():
         token_condition = None
 
         def forward(self, timestep, added_cond_kwargs=None, batch_size=None, hidden_dtype=None):
+            if timestep.is_cuda and self.token_condition is None:
+                # On a GPU the per-token embedding is ~1% of a step, while unique() would wait for
+                # the device and split a compiled (CUDA-graph) transformer in two.
+                return super().forward(timestep, added_cond_kwargs, batch_size=None, hidden_dtype=hidden_dtype)
             values, inverse = torch.unique(timestep, return_inverse=True)
             temb, embedded = super().forward(values, added_cond_kwargs, batch_size=None, hidden_dtype=hidden_dtype)
             if self.token_condition is None:
