@@ -11,8 +11,10 @@ encode of the history, action encoding, `num_steps` FlowMatchEulerDiscreteSchedu
 transformer, VAE decode of the 25-frame clip, uint8 frames out (resized back to 224x224).
 
 Cells: batch 1 and 16 chunks x 25 and 4 steps, for each mode: `eager`, and with `--compile MODE`
-also `compile-MODE` (torch.compile of the transformer; MODE `reduce-overhead` uses CUDA graphs,
-`max-autotune` autotunes and also uses CUDA graphs). Every mode is warmed up cell by cell first
+also `compile-MODE`: the service's compiled path (`LatentWorldModel(compile_mode=MODE)`, what
+`rise serve dynamics` runs with `compile: MODE`): torch.compile of the transformer, one static graph
+per batch size, batches padded to a power of two (batch 3 runs as 4); MODE `reduce-overhead` uses
+CUDA graphs, `max-autotune` autotunes and also uses CUDA graphs. Every mode is warmed up cell by cell first
 (`--warmup` calls each; compilation happens there), then `--repeats` rounds run every cell once in
 a shuffled order (interleaved, so clock and thermal drift hit every cell alike), each call timed
 between torch.cuda.synchronize() barriers. Reported: median and min seconds per call, seconds per
@@ -140,11 +142,11 @@ def main() -> int:
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    eager_transformer = model.transformer
-    modes = {"eager": eager_transformer}
+    # Each mode is the service's own LatentWorldModel over the same weights; compiled ones run
+    # power-of-two batches, as `rise serve dynamics` with `compile:` does.
+    modes = {"eager": world}
     if args.compile:
-        modes[f"compile-{args.compile}"] = torch.compile(eager_transformer, mode=args.compile, fullgraph=False,
-                                                         dynamic=False)  # one graph per batch size, no symbolic shapes
+        modes[f"compile-{args.compile}"] = LatentWorldModel(model, emb, device, compile_mode=args.compile)
     data = {b: inputs(emb, config.history, b, args.seed) for b in args.batches}
     cells = [(s, b) for s in args.steps for b in args.batches]
     failed: dict[tuple, str] = {}
@@ -153,13 +155,12 @@ def main() -> int:
     times: dict[tuple, list[float]] = {}
 
     def call(mode: str, steps: int, batch: int) -> float:
-        model.transformer = modes[mode]
         history, actions = data[batch]
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
-        frames = world.imagine(history, actions, steps, args.seed + 1)
+        frames = modes[mode].imagine(history, actions, steps, args.seed + 1)
         sync()
         elapsed = time.perf_counter() - t
         shape = frames[emb.views[0]].shape
@@ -181,14 +182,13 @@ def main() -> int:
             if mode == "eager":
                 raise
             errors[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        finally:
-            model.transformer = eager_transformer
         if device == "cuda":
             torch.cuda.empty_cache()
         return None
 
     warm_s: dict[str, float] = {}
     breakdown: dict = {}
+    agreement: dict = {}
 
     def table_rows() -> list[dict]:
         rows = []
@@ -217,7 +217,7 @@ def main() -> int:
             "stage": stage, "tier": args.tier, "device": gpu, "dtype": args.dtype, "compile": args.compile,
             "repeats": args.repeats, "warmup": args.warmup, "parameters": counts,
             "sequence_tokens": config.sequence_length, "build_s": build_s, "warmup_s": warm_s,
-            "compile_errors": errors, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
+            "compile_errors": errors, "agreement_with_eager": agreement, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": table_rows(),
             "breakdown_s": {str(b): p for b, p in breakdown.items()}}, indent=2) + "\n")
 
@@ -230,6 +230,21 @@ def main() -> int:
         print(f"warm-up {mode}: {warm_s[mode]:.1f} s" + (f" (failed: {errors[mode]})" if mode in errors else ""),
               flush=True)
         save(f"warm-up {mode}")
+
+    # The compiled path must imagine what eager does: same inputs and seed, fewest steps, per batch.
+    agreement = {}
+    for mode in [m for m in modes if m != "eager" and m not in errors]:
+        for batch in args.batches:
+            history, actions = data[batch]
+            try:
+                ref = modes["eager"].imagine(history, actions, min(args.steps), args.seed + 1)
+                out = modes[mode].imagine(history, actions, min(args.steps), args.seed + 1)
+            except torch.cuda.OutOfMemoryError:
+                continue
+            diff = np.concatenate([np.abs(out[v].astype(np.int16) - ref[v].astype(np.int16)).ravel() for v in emb.views])
+            agreement[f"{mode} batch {batch}"] = {"mean_abs_uint8": float(diff.mean()), "max_abs_uint8": int(diff.max()),
+                                                  "share_within_2": float((diff <= 2).mean())}
+            print(f"{mode} vs eager, batch {batch}, {min(args.steps)} steps: {agreement[f'{mode} batch {batch}']}", flush=True)
 
     rng = random.Random(args.seed)
     jobs = [(mode, s, b) for mode in modes for s, b in cells]

@@ -91,6 +91,23 @@ def test_published_version_imagines_shapes_and_seeds(trained, world):
     assert default[EMB.views[0]].shape == out[EMB.views[0]].shape
 
 
+def test_compiled_path_pads_batches_and_matches_eager(world):
+    """The service's GPU path (torch.compile, power-of-two batches), checked here on the CPU."""
+    from services.dynamics.sampler import LatentWorldModel, padded_batch_size
+
+    assert [padded_batch_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    compiled = LatentWorldModel(world.model, EMB, compile_mode="default")
+    assert compiled.pad_batches and sorted(compiled.warm_up(3)) == [1, 2, 4]  # every graph built before serving
+    history, actions = inputs(3, world.history)
+    eager = world.imagine(history, actions, num_steps=2, seed=5)
+    out = compiled.imagine(history, actions, num_steps=2, seed=5)  # runs as 4 items, returns 3
+    for v in EMB.views:
+        assert out[v].shape == eager[v].shape == (3, world.future_frames, 64, 64, 3)
+        assert np.abs(out[v].astype(int) - eager[v].astype(int)).max() <= 2, v
+    with pytest.raises(ValueError, match="compile_mode"):
+        LatentWorldModel(world.model, EMB, compile_mode="fast")
+
+
 def test_bad_inputs_are_invalid_arguments(world):
     history, actions = inputs(1, world.history + 1)
     with pytest.raises(InvalidArgument, match=f"history of {world.history} frames"):
@@ -202,13 +219,13 @@ def test_predict_change_generates_the_difference_from_the_last_history_frame(tmp
     with torch.no_grad():
         # A scene that does not move is a zero target with predict_change: then v = x_t is exact.
         for model in models.values():
-            model.velocity = lambda history, noisy, t, tokens: noisy  # noqa: E731
+            model.velocity = lambda history, noisy, t, tokens, transformer=None: noisy  # noqa: E731
         static = last.expand(-1, -1, -1, config.future_latent_frames, -1, -1)
         assert models[True].flow_matching_loss(history, static, torch.zeros(2, EMB.chunk_length, EMB.action_dim)).item() < 1e-6
         assert models[False].flow_matching_loss(history, static, torch.zeros(2, EMB.chunk_length, EMB.action_dim)).item() > 0.1
         # Sampling with a velocity of zero keeps the starting noise: plus the last frame only with predict_change.
         for model in models.values():
-            model.velocity = lambda history, future, t, tokens: torch.zeros_like(future)  # noqa: E731
+            model.velocity = lambda history, future, t, tokens, transformer=None: torch.zeros_like(future)  # noqa: E731
         seeds = [(3, 0), (3, 1)]
         plain, change = (sample_future_latents(models[f], history, actions, 4, seeds) for f in (False, True))
         torch.testing.assert_close(change - plain, last.expand_as(plain), rtol=0, atol=1e-5)

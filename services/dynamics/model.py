@@ -282,9 +282,9 @@ def _modules():
         token_condition = None
 
         def forward(self, timestep, added_cond_kwargs=None, batch_size=None, hidden_dtype=None):
-            if timestep.is_cuda and self.token_condition is None:
+            if (timestep.is_cuda or torch.compiler.is_compiling()) and self.token_condition is None:
                 # On a GPU the per-token embedding is ~1% of a step, while unique() would wait for
-                # the device and split a compiled (CUDA-graph) transformer in two.
+                # the device; and under torch.compile its data-dependent size splits the graph.
                 return super().forward(timestep, added_cond_kwargs, batch_size=None, hidden_dtype=hidden_dtype)
             values, inverse = torch.unique(timestep, return_inverse=True)
             temb, embedded = super().forward(values, added_cond_kwargs, batch_size=None, hidden_dtype=hidden_dtype)
@@ -487,11 +487,12 @@ def _modules():
         def encode_actions(self, normalized_actions):
             return self.action_encoder(normalized_actions)
 
-        def velocity(self, history, future, timestep, action_tokens):
+        def velocity(self, history, future, timestep, action_tokens, transformer=None):
             """Predicted flow-matching velocity of the future latents.
 
             history [B, V, C, th, h, w] clean latents; future [B, V, C, tf, h, w] noisy latents at
-            `timestep` [B] (sigma x 1000); action_tokens [B, n, width].
+            `timestep` [B] (sigma x 1000); action_tokens [B, n, width]. transformer: a compiled
+            wrapper of self.transformer to run instead (same weights), or None.
             """
             tokens = self.pack(torch.cat([history, future], dim=3))
             coords, is_future = self.layout(tokens.device)
@@ -502,8 +503,9 @@ def _modules():
             if self.action_encoder.to_frames is not None:
                 time_embed.token_condition = self.frame_condition(action_tokens, history.shape[3], future.shape[3])
             try:
-                out = self.transformer(hidden_states=tokens, encoder_hidden_states=action_tokens, timestep=per_token,
-                                       encoder_attention_mask=mask, video_coords=coords[None].expand(b, -1, -1)).sample
+                net = self.transformer if transformer is None else transformer
+                out = net(hidden_states=tokens, encoder_hidden_states=action_tokens, timestep=per_token,
+                          encoder_attention_mask=mask, video_coords=coords[None].expand(b, -1, -1)).sample
             finally:
                 time_embed.token_condition = None
             frames = history.shape[3] + future.shape[3]

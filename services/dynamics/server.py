@@ -38,6 +38,11 @@ class DynamicsConfig(ModelServiceConfig):
     server: ServerConfig = ServerConfig(port=50053)  # policy 50051, value 50052, dynamics 50053, trainer 50054
     # Merging of concurrent Imagine requests into one model call.
     batching: BatchingConfig = BatchingConfig()
+    # torch.compile mode of learned world models' transformer: "reduce-overhead" (CUDA graphs) is
+    # the GPU setting (paper tier, H100: 4.7x eager-diffusers speed at batch 1, bench/RESULTS.md).
+    # Each version compiles its power-of-two batch sizes up to batching.max_batch_size while it
+    # loads (about a minute per size at the paper tier), so requests never wait for a compiler.
+    compile: sampler.CompileMode = "off"
 
 
 class _Item(NamedTuple):
@@ -99,7 +104,9 @@ class DynamicsServicer(dynamics_pb2_grpc.DynamicsServiceServicer):
 
 
 async def start(config: DynamicsConfig) -> RunningServer:
-    running, _ = await start_model_service("dynamics", config, load_by_kind(KINDS, "dynamics"),
+    kinds = {**KINDS, sampler.KIND: functools.partial(sampler.load, compile_mode=config.compile,
+                                                      warm_up_batch_size=config.batching.max_batch_size)}
+    running, _ = await start_model_service("dynamics", config, load_by_kind(kinds, "dynamics"),
                                            lambda host: DynamicsServicer(host, config.batching),
                                            dynamics_pb2_grpc.add_DynamicsServiceServicer_to_server)
     return running
