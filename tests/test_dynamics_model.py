@@ -106,6 +106,12 @@ def test_compiled_path_pads_batches_and_matches_eager(world):
         assert np.abs(out[v].astype(int) - eager[v].astype(int)).max() <= 2, v
     with pytest.raises(ValueError, match="compile_mode"):
         LatentWorldModel(world.model, EMB, compile_mode="fast")
+    from pydantic import ValidationError
+
+    from services.dynamics.server import DynamicsConfig
+
+    with pytest.raises(ValidationError, match="reduce-overhead"):  # the service's config lists the modes
+        DynamicsConfig(compile="fast")
 
 
 def test_bad_inputs_are_invalid_arguments(world):
