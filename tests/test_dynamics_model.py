@@ -93,17 +93,22 @@ def test_published_version_imagines_shapes_and_seeds(trained, world):
 
 def test_compiled_path_pads_batches_and_matches_eager(world):
     """The service's GPU path (torch.compile, power-of-two batches), checked here on the CPU."""
+    from torch._dynamo.utils import counters
+
     from services.dynamics.sampler import LatentWorldModel, padded_batch_size
 
     assert [padded_batch_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     compiled = LatentWorldModel(world.model, EMB, compile_mode="default")
     assert compiled.pad_batches and sorted(compiled.warm_up(3)) == [1, 2, 4]  # every graph built before serving
-    history, actions = inputs(3, world.history)
-    eager = world.imagine(history, actions, num_steps=2, seed=5)
-    out = compiled.imagine(history, actions, num_steps=2, seed=5)  # runs as 4 items, returns 3
-    for v in EMB.views:
-        assert out[v].shape == eager[v].shape == (3, world.future_frames, 64, 64, 3)
-        assert np.abs(out[v].astype(int) - eager[v].astype(int)).max() <= 2, v
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in (3, 7):  # 3 runs as 4 items; 7 (more than the largest graph) as 4 + 3 padded to 4
+        history, actions = inputs(batch, world.history)
+        eager = world.imagine(history, actions, num_steps=2, seed=5)
+        out = compiled.imagine(history, actions, num_steps=2, seed=5)
+        for v in EMB.views:
+            assert out[v].shape == eager[v].shape == (batch, world.future_frames, 64, 64, 3)
+            assert np.abs(out[v].astype(int) - eager[v].astype(int)).max() <= 2, (batch, v)
+    assert counters["stats"]["unique_graphs"] == graphs  # no request compiled anything
     with pytest.raises(ValueError, match="compile_mode"):
         LatentWorldModel(world.model, EMB, compile_mode="fast")
     from pydantic import ValidationError

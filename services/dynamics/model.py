@@ -276,10 +276,14 @@ def _modules():
         Same parameters and outputs as AdaLayerNormSingle (a pretrained LTX checkpoint loads as is).
         """
 
-        # Per-token conditioning [B, N, width] added to the timestep embedding, set by
-        # DynamicsModel.velocity around one transformer call (the transformer's forward has no
-        # argument for it); None: LTX's own embedding.
-        token_condition = None
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Per-token conditioning [B, N, width] added to the timestep embedding, set by
+            # DynamicsModel.velocity around one transformer call (the transformer's forward has no
+            # argument for it); None: LTX's own embedding. An instance attribute from the start:
+            # torch.compile guards on the module's __dict__, and a class attribute that velocity()
+            # later shadows made every compiled graph recompile once.
+            self.token_condition = None
 
         def forward(self, timestep, added_cond_kwargs=None, batch_size=None, hidden_dtype=None):
             if (timestep.is_cuda or torch.compiler.is_compiling()) and self.token_condition is None:

@@ -16,7 +16,8 @@ Compiled serving (`compile_mode`, for GPUs): the transformer runs through torch.
 `reduce-overhead`, as CUDA graphs), one static graph per batch size. Batches are padded to the
 next power of two (repeating the last item; its output is dropped), so a service whose dynamic
 batching makes every size from 1 to max_batch_size compiles only a handful of graphs, all of them
-while the version loads (`warm_up`), never during a request. bench/RESULTS.md has the timings.
+while the version loads (`warm_up`), never during a request: a request bigger than the largest
+warmed-up size runs in slices of that size. bench/RESULTS.md has the timings.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class LatentWorldModel:
             # pool would each record (and hold memory for) their own copies.
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imagine")
         self.pad_batches = compile_mode != "off" if pad_batches is None else pad_batches
+        self.max_run = None  # set by warm_up: larger batches run in slices of this size (no new graphs)
 
     def warm_up(self, max_batch_size: int, num_steps: int = 1) -> dict[int, float]:
         """One call per batch size the model will run for up to `max_batch_size` items (with
@@ -125,6 +127,7 @@ class LatentWorldModel:
             start = time.perf_counter()
             self.imagine(history, np.zeros((size, emb.chunk_length, emb.action_dim), np.float32), num_steps)
             spent[size] = time.perf_counter() - start
+        self.max_run = max(sizes)
         return spent
 
     def imagine(self, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int = 0,
@@ -152,28 +155,35 @@ class LatentWorldModel:
             raise InvalidArgument(f"num_steps must be >= 0 (0: the model's default), got {num_steps}")
         steps = num_steps or cfg.default_num_steps
         out_size = (first[2], first[3])
-        run = padded_batch_size(batch) if self.pad_batches else batch
         frames = np.stack([np.asarray(history[v], np.uint8) for v in emb.views], axis=1)
-        if run > batch:  # pad with copies of the last item; item b's noise depends on (seed, b) only
-            frames = np.concatenate([frames, np.repeat(frames[-1:], run - batch, axis=0)])
-            actions = np.concatenate([actions, np.repeat(actions[-1:], run - batch, axis=0)])
-        if self._thread is not None:
-            return self._thread.submit(self._sample, frames, actions, steps, seed, batch, out_size).result()
-        return self._sample(frames, actions, steps, seed, batch, out_size)
+        # Bigger than every warmed-up graph: run in slices (item b keeps its noise), never compile in a request.
+        size = max(1, min(batch, self.max_run or batch))
+        parts = []
+        for start in range(0, max(batch, 1), size):
+            part = (frames[start:start + size], actions[start:start + size], steps, seed, start, out_size)
+            parts.append(self._thread.submit(self._sample, *part).result() if self._thread else self._sample(*part))
+        if len(parts) == 1:
+            return parts[0]
+        return {v: np.concatenate([p[v] for p in parts]) for v in emb.views}
 
-    def _sample(self, frames: np.ndarray, actions: np.ndarray, steps: int, seed: int, batch: int,
+    def _sample(self, frames: np.ndarray, actions: np.ndarray, steps: int, seed: int, first: int,
                 out_size: tuple[int, int]) -> dict[str, np.ndarray]:
-        """Checked, padded inputs (uint8 [run, V, T, H, W, 3], float32 [run, chunk, A]) -> the first
-        `batch` items' frames per view."""
+        """Checked inputs (uint8 [B, V, T, H, W, 3], float32 [B, chunk, A]) of the batch's items
+        first, first + 1, ... -> their frames per view. Padded to a power of two if `pad_batches`
+        (copies of the last item; item b's noise depends on (seed, b) only)."""
         import torch
 
-        run = frames.shape[0]
+        batch = frames.shape[0]
+        run = padded_batch_size(batch) if self.pad_batches else batch
+        if run > batch:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], run - batch, axis=0)])
+            actions = np.concatenate([actions, np.repeat(actions[-1:], run - batch, axis=0)])
         with self._lock, torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self._autocast):
             pixels = self.model.frames_to_pixels(torch.from_numpy(frames).to(self.device))  # [B, V, T, 3, h, w]
             history_latents = self.model.encode_history(pixels)
             tokens = self.model.encode_actions(self.model.normalize_actions(torch.from_numpy(actions).to(self.device)))
             future = sample_future_latents(self.model, history_latents, tokens, steps,
-                                           [(seed, i) for i in range(run)], self._transformer)
+                                           [(seed, first + i) for i in range(run)], self._transformer)
             imagined = self.model.pixels_to_frames(self.model.decode_future(future[:batch]).float(), out_size).cpu().numpy()
         return {v: np.ascontiguousarray(imagined[:, i]) for i, v in enumerate(self.embodiment.views)}
 
