@@ -217,7 +217,8 @@ def main() -> int:
             "stage": stage, "tier": args.tier, "device": gpu, "dtype": args.dtype, "compile": args.compile,
             "repeats": args.repeats, "warmup": args.warmup, "parameters": counts,
             "sequence_tokens": config.sequence_length, "build_s": build_s, "warmup_s": warm_s,
-            "compile_errors": errors, "agreement_with_eager": agreement, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
+            "compile_errors": errors, "agreement_with_eager": agreement, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "commit": commit,
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": table_rows(),
             "breakdown_s": {str(b): p for b, p in breakdown.items()}}, indent=2) + "\n")
 
@@ -232,7 +233,6 @@ def main() -> int:
         save(f"warm-up {mode}")
 
     # The compiled path must imagine what eager does: same inputs and seed, fewest steps, per batch.
-    agreement = {}
     for mode in [m for m in modes if m != "eager" and m not in errors]:
         for batch in args.batches:
             history, actions = data[batch]

@@ -93,9 +93,11 @@ def test_published_version_imagines_shapes_and_seeds(trained, world):
 
 def test_compiled_path_pads_batches_and_matches_eager(world):
     """The service's GPU path (torch.compile, power-of-two batches), checked here on the CPU."""
+    from pydantic import ValidationError
     from torch._dynamo.utils import counters
 
     from services.dynamics.sampler import LatentWorldModel, padded_batch_size
+    from services.dynamics.server import DynamicsConfig
 
     assert [padded_batch_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     compiled = LatentWorldModel(world.model, EMB, compile_mode="default")
@@ -111,10 +113,6 @@ def test_compiled_path_pads_batches_and_matches_eager(world):
     assert counters["stats"]["unique_graphs"] == graphs  # no request compiled anything
     with pytest.raises(ValueError, match="compile_mode"):
         LatentWorldModel(world.model, EMB, compile_mode="fast")
-    from pydantic import ValidationError
-
-    from services.dynamics.server import DynamicsConfig
-
     with pytest.raises(ValidationError, match="reduce-overhead"):  # the service's config lists the modes
         DynamicsConfig(compile="fast")
 

@@ -82,10 +82,9 @@ def sample_future_latents(model, history_latents, action_tokens, num_steps: int,
 class LatentWorldModel:
     """What the dynamics service calls: `imagine(history, actions, num_steps, seed)`."""
 
-    def __init__(self, model, embodiment: Embodiment, device: str = "cpu", compile_mode: CompileMode = "off",
-                 pad_batches: bool | None = None):
-        """compile_mode: torch.compile mode of the transformer ("off": eager). pad_batches: run
-        power-of-two batches (default: when compiled)."""
+    def __init__(self, model, embodiment: Embodiment, device: str = "cpu", compile_mode: CompileMode = "off"):
+        """compile_mode: torch.compile mode of the transformer ("off": eager; compiled models run
+        power-of-two batches)."""
         import torch
 
         if compile_mode not in COMPILE_MODES:
@@ -112,7 +111,7 @@ class LatentWorldModel:
             # CUDA graphs belong to the thread that recorded them: calls from the service's thread
             # pool would each record (and hold memory for) their own copies.
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imagine")
-        self.pad_batches = compile_mode != "off" if pad_batches is None else pad_batches
+        self.pad_batches = compile_mode != "off"
         self.max_run = None  # set by warm_up: larger batches run in slices of this size (no new graphs)
 
     def warm_up(self, max_batch_size: int, num_steps: int = 1) -> dict[int, float]:
