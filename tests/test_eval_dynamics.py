@@ -86,7 +86,7 @@ def persistence(server, dataset, tmp_path_factory) -> tuple[dict, Path]:
     result = CliRunner().invoke(app, ["eval-dynamics", "--dynamics", server.address, "--data", str(dataset),
                                       "--samples", str(SAMPLES), "--seed", str(SEED), "--videos", "0", "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "action_sensitive: NO" in result.stdout
+    assert "action_sensitive: NO, a shuffled chunk scores as well as the real one" in result.stdout
     return _strict_json(out / "report.json"), out
 
 
@@ -180,3 +180,12 @@ def test_episode_specs():
     assert ev.parse_episodes([3, 1, 3], 5) == [1, 3]
     with pytest.raises(ValueError, match="out of range"):
         ev.parse_episodes("7", 5)
+
+
+def test_verdict_tells_ignoring_actions_from_following_them_too_weakly():
+    # The small model at 12,000 steps: the paired interval is above 0, the ratio just short of 1.1.
+    weak = {"action_sensitive": False, "paired_difference_ci95": [0.034, 0.056], "epe_ratio": 1.0997}
+    assert "too weakly" in ev.sensitivity_verdict(weak) and "x1.0997" in ev.sensitivity_verdict(weak)
+    ignores = {"action_sensitive": False, "paired_difference_ci95": [-0.002, 0.014], "epe_ratio": 1.01}
+    assert "ignores the actions" in ev.sensitivity_verdict(ignores)
+    assert ev.sensitivity_verdict({**weak, "action_sensitive": True}) == "yes"
