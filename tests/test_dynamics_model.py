@@ -277,3 +277,42 @@ def test_a_group_imagined_with_common_noise_differs_only_by_its_actions(trained)
         assert not np.array_equal(independent.frames[v][0], independent.frames[v][1])
         assert np.array_equal(shared.frames[v][1::2], second.frames[v])  # position k of every group: one call
     assert shared.version == summary["version"]
+
+
+def test_exported_data_train_runs_side_by_side(dataset, tmp_path):
+    """`bench/dynamics_steps.py`: the exported .npz.xz holds exactly what the trainer loads from the
+    dataset, and its runs (one process per step count) train from it and publish."""
+    import subprocess
+    import sys
+
+    from rise.data.loading import load_episodes_in_memory
+    from services.dynamics.train import action_normalizer
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "dynamics_steps.py"
+    cache = tmp_path / "reach.npz.xz"
+    subprocess.run([sys.executable, str(script), "export", "--data", str(dataset), "--out", str(cache),
+                    "--config", "tiny"], check=True, capture_output=True)
+    sys.path.insert(0, str(script.parent))
+    try:
+        from dynamics_steps import load_cache
+    finally:
+        sys.path.remove(str(script.parent))
+    episodes, normalizer = load_cache(cache)
+    expected = load_episodes_in_memory([dataset], EMB)
+    for view in EMB.views:
+        np.testing.assert_array_equal(episodes.views[view], expected.views[view])
+    np.testing.assert_array_equal(episodes.actions, expected.actions)
+    np.testing.assert_array_equal(episodes.frame_task_ids, expected.frame_task_ids)
+    np.testing.assert_array_equal(episodes.frame_success, expected.frame_success)
+    assert episodes.tasks == expected.tasks
+    np.testing.assert_array_equal(normalizer.low, action_normalizer([dataset]).low)
+    np.testing.assert_array_equal(normalizer.high, action_normalizer([dataset]).high)
+
+    out = tmp_path / "runs"
+    subprocess.run([sys.executable, str(script), "train", "--cache", str(cache), "--config", "tiny", "--steps", "4",
+                    "--steps", "6", "--threads", "1", "--out", str(out)], check=True, capture_output=True)
+    runs = json.loads((out / "steps.json").read_text())["runs"]
+    assert [r["steps"] for r in runs] == [4, 6] and all("metrics" in r for r in runs), runs
+    for steps in (4, 6):
+        manifest = Registry(out / f"steps{steps}" / "store").manifest("dynamics", "v0001")
+        assert manifest.kind and (out / f"steps{steps}" / "summary.json").exists()
