@@ -13,7 +13,7 @@ by side: only ~3x a 2-core CPU per run, but the runs share the GPU almost for fr
 Judge the runs afterwards with `rise eval-dynamics` on held-out episodes (see bench/RESULTS.md).
 
     python bench/dynamics_steps.py export --data runs/steps/data --out .gpu/push.npz.xz
-    python bench/dynamics_steps.py train --cache .gpu/push.npz.xz --steps 9000 18000 --out runs/steps
+    python bench/dynamics_steps.py train --cache .gpu/push.npz.xz --steps 9000 --steps 18000 --out runs/steps
 """
 from __future__ import annotations
 
@@ -134,6 +134,36 @@ def train(cache: Path = typer.Option(..., help="From `export`."),
                                                 "runs": [results[n] for n in steps]}, indent=2) + "\n")
     if any("failed" in r for r in results.values()):
         raise typer.Exit(1)
+
+
+@app.command()
+def plot(report: list[str] = typer.Option(..., "--report", help="STEPS=path of an eval-dynamics report.json (repeat)."),
+         out: Path = typer.Option(..., "--out", help="PNG to write.")) -> None:
+    """Action-following against training steps: the EPE ratio (shuffled / real chunk) with the 1.1
+    rule, and the paired EPE difference with its 95% interval, from `rise eval-dynamics` reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from services.dynamics.evaluate import ACTION_SENSITIVE_RATIO
+
+    points = sorted((int(k), json.loads(Path(v).read_text())["controllability"])
+                    for k, v in (item.split("=", 1) for item in report))
+    steps = [k for k, _ in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(steps, [c["epe_ratio"] for _, c in points], "o-")
+    left.axhline(ACTION_SENSITIVE_RATIO, color="grey", ls="--", label=f"rule {ACTION_SENSITIVE_RATIO}")
+    left.set(xlabel="transformer steps", ylabel="EPE shuffled / real", title="action-following ratio")
+    left.legend()
+    mean = np.array([c["paired_difference_mean"] for _, c in points])
+    ci = np.array([c["paired_difference_ci95"] for _, c in points]).T
+    right.errorbar(steps, mean, yerr=[mean - ci[0], ci[1] - mean], fmt="o-", capsize=3)
+    right.axhline(0, color="grey", lw=0.8)
+    right.set(xlabel="transformer steps", ylabel="px", title="EPE shuffled - real (95% interval)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
