@@ -109,7 +109,8 @@ def train(cache: Path = typer.Option(..., help="From `export`."),
         folder = out / f"steps{n}"
         cmd = [sys.executable, __file__, "train-one", "--cache", str(cache), "--steps", str(n), "--out", str(folder),
                "--config", config, "--threads", str(threads), *[x for s in set_ for x in ("--set", s)]]
-        runs[n] = subprocess.Popen(cmd, stdout=open(out / f"steps{n}.log", "w"), stderr=subprocess.STDOUT)
+        with open(out / f"steps{n}.log", "w") as log:  # the child keeps its own copy of the handle
+            runs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     results, shown = {}, 0.0
     while runs:
         time.sleep(5)
