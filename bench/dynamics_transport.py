@@ -63,12 +63,13 @@ def _grpc_server(root: str, wait_ms: float, ready, stop, max_message_mb: float =
     asyncio.run(main())
 
 
-def _triton_server(root: str, wait_ms: float, ready, stop) -> None:
+def _triton_server(root: str, wait_ms: float, ready, stop, embodiment: str = EMB.name) -> None:
     from rise.triton_binding import TritonSettings, serve_triton
     from services.dynamics.triton import DynamicsTritonConfig
 
     logging.disable(logging.INFO)
     config = DynamicsTritonConfig(registry_root=Path(root), preload=["stable"], batching=BatchingConfig(max_wait_ms=wait_ms),
+                                  embodiment=embodiment,
                                   triton=TritonSettings(grpc_port=0, http_port=0, metrics_port=0, print_server_log=False))
     running = serve_triton("dynamics", config)
     ready.put(f"{running.url}|{running.startup_s}")
@@ -141,7 +142,7 @@ def main() -> None:
         registry.set_alias("dynamics", "stable", publish_baseline(registry, "dynamics", emb).version)
         stop = ctx.Event()
         queues = {"grpc": ctx.Queue(), "triton": ctx.Queue()}
-        targets = {"grpc": (_grpc_server, (args.max_message_mb, emb.name)), "triton": (_triton_server, ())}
+        targets = {"grpc": (_grpc_server, (args.max_message_mb, emb.name)), "triton": (_triton_server, (emb.name,))}
         procs = [ctx.Process(target=targets[t][0], args=(str(registry.root), args.wait_ms, queues[t], stop, *targets[t][1]),
                              daemon=True) for t in transports]
         for p in procs:
