@@ -226,8 +226,11 @@ def evaluate(model, windows: Windows, starts: np.ndarray, num_steps: int, seed: 
 # ---- training -------------------------------------------------------------------------------------
 def train(config: DynamicsModelConfig, data: list[Path], out: Path, *, resume: bool = False,
           registry: Path | None = None, publish: bool = False, device: str = "auto", threads: int | None = None,
-          progress: bool = True, log=print) -> dict[str, Any]:
-    """Train (both stages), save `out/model`, optionally publish; returns a summary (metrics, timings)."""
+          progress: bool = True, log=print, preloaded: tuple | None = None) -> dict[str, Any]:
+    """Train (both stages), save `out/model`, optionally publish; returns a summary (metrics, timings).
+
+    `preloaded`: (EpisodesInMemory, ActionNormalizer) already decoded from `data`, for a machine
+    without lerobot/PyAV (bench/dynamics_steps.py exports them once)."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from torch.utils.tensorboard import SummaryWriter
@@ -258,8 +261,8 @@ def train(config: DynamicsModelConfig, data: list[Path], out: Path, *, resume: b
 
     # 1. data ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    episodes = load_episodes_in_memory(data, emb, show_progress=progress)
-    normalizer = action_normalizer(data)
+    episodes, normalizer = preloaded or (load_episodes_in_memory(data, emb, show_progress=progress),
+                                         action_normalizer(data))
     windows = Windows(episodes, config)
     log(f"data: {len(episodes)} frames in {episodes.num_episodes} episodes of {len(episodes.tasks)} task(s), "
         f"{len(windows.train_starts)} training windows, decoded in {time.perf_counter() - t0:.1f} s; "
