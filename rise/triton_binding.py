@@ -155,6 +155,17 @@ class TritonRequest:
             raise InvalidArgument(f"parameter {name!r} must be in [{low}, {high}], got {number}")
         return number
 
+    def float_parameter(self, name: str, default: float = 0.0) -> float:
+        """A finite number request parameter (double, int64, or a decimal string)."""
+        value = self.parameters.get(name, default)
+        try:
+            number = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not np.isfinite(number):
+            raise InvalidArgument(f"parameter {name!r} must be a finite number, got {value!r}")
+        return number
+
 
 def decode_strings(array: np.ndarray) -> list[str]:
     """A BYTES tensor [B, 1] -> B texts."""

@@ -138,3 +138,7 @@ def test_eval_command(server, tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["episodes"] == 1
     bad = runner.invoke(app, ["eval", "--policy", server.address, "--task", "fold-laundry", "--episodes", "1"])
     assert bad.exit_code == 1 and "unknown MetaWorld task 'fold-laundry'" in bad.output
+    # The guidance scale reaches the service: the scripted expert has none, and says so.
+    guided = runner.invoke(app, ["eval", "--policy", server.address, "--task", "button-press", "--episodes", "1",
+                                 "--version", "expert", "--guidance-scale", "2"])
+    assert guided.exit_code == 1 and "classifier-free guidance" in " ".join(guided.output.split())

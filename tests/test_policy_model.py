@@ -132,6 +132,28 @@ def test_overfits_and_the_advantage_bin_selects_the_chunk():
     assert np.abs(low - bad).mean() < 0.5 * np.abs(low - good).mean()
 
 
+def test_guidance_extrapolates_from_the_null_bin_towards_the_prompted_one():
+    """One Euler step makes the chunk affine in the velocity: guided = null + w * (bin - null), exactly;
+    null-bin items of a guided batch are left alone."""
+    import torch
+
+    from rise.data.stats import ActionNormalizer
+    from services.policy.model import FlowMatchingPolicy, build_model, load_model_config
+
+    torch.manual_seed(0)
+    ones = np.ones(EMB.action_dim)
+    policy = FlowMatchingPolicy(build_model(load_model_config("tiny"), ActionNormalizer(-2 * ones, 2 * ones),
+                                            ActionNormalizer(-ones, ones)), EMB)
+    views, states = _inputs(3)
+    act = lambda bins, w=None: policy.act(views, states, [TASK] * 3, np.asarray(bins), num_steps=1, seed=5,  # noqa: E731
+                                          guidance_scale=w)
+    null, prompted, guided = act([0, 0, 0]), act([10, 3, 0]), act([10, 3, 0], 3.0)
+    assert np.abs(prompted[:2] - null[:2]).max() > 1e-4  # the bin changes the chunk at all
+    np.testing.assert_allclose(guided[:2], null[:2] + 3.0 * (prompted[:2] - null[:2]), atol=1e-4)
+    np.testing.assert_allclose(guided[2], null[2], atol=1e-6)
+    np.testing.assert_allclose(act([10, 3, 0], 1.0), prompted, atol=1e-6)  # 1 = plain conditioning
+
+
 def test_trains_publishes_and_loads_through_the_registry(trained):
     from rise.model_host import load_by_kind
     from services.policy.server import KINDS
@@ -269,6 +291,35 @@ def test_service_answers_act_batch_and_stream_with_the_version(server, trained):
         assert max(a.meta.timing.queue_ms for a in answers) > 0
 
 
+def test_service_guidance_scale_travels_per_request(server):
+    """guidance_scale on the wire: 0 = the version's default (1 here), w extrapolates from the null bin;
+    a negative or NaN scale, or one sent to a model without guidance, is INVALID_ARGUMENT."""
+    from rise.proto.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
+    running, _ = server
+    observations = [_obs(i) for i in range(2)]
+    with grpc.insecure_channel(running.address) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+
+        def chunks(bins, w=0.0):
+            reply = stub.ActBatch(policy_pb2.ActBatchRequest(observations=observations, advantage_bins=bins, num_steps=1,
+                                                             seed=9, guidance_scale=w), timeout=30)
+            return np.stack([_chunk(c) for c in reply.chunks])
+
+        null, prompted, guided = chunks([0, 0]), chunks([10, 10]), chunks([10, 10], 2.5)
+        assert np.abs(prompted - null).max() > 1e-4
+        np.testing.assert_allclose(chunks([10, 10], 1.0), prompted, atol=1e-6)
+        np.testing.assert_allclose(guided, null + 2.5 * (prompted - null), atol=1e-4)
+        cases = [(policy_pb2.ActRequest(observation=_obs(), advantage_bin=10, guidance_scale=-1), "guidance_scale must be"),
+                 (policy_pb2.ActRequest(observation=_obs(), advantage_bin=10, guidance_scale=float("nan")), "guidance_scale"),
+                 (policy_pb2.ActRequest(observation=_obs(), advantage_bin=10, guidance_scale=2,
+                                        model=common_pb2.ModelRef(version="linear")), "no classifier-free guidance")]
+        for request, message in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Act(request, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+
+
 def test_service_bad_inputs_are_invalid_argument(server):
     from rise.proto.v1 import policy_pb2, policy_pb2_grpc
     from rise.tensors import to_tensor
@@ -326,6 +377,13 @@ def test_triton_adapter_answers_and_fails_bad_requests_alone(trained):
     # Seeded: the same chunks as the in-process model with that seed.
     direct = loaded.model.act(views, states, [TASK] * 2, np.array([10, 1]), 0, 3)
     np.testing.assert_allclose(out[0]["actions"], direct, atol=1e-5)
+    # guidance_scale as a request parameter: the same chunks as in process; a bad scale fails alone.
+    guided = adapter.respond(loaded, [TritonRequest(good, {"seed": 3, "guidance_scale": 2.0}),
+                                      TritonRequest(good, {"guidance_scale": -1.0}), TritonRequest(good, {"guidance_scale": "x"})])
+    np.testing.assert_allclose(guided[0]["actions"], loaded.model.act(views, states, [TASK] * 2, np.array([10, 1]), 0, 3,
+                                                                      guidance_scale=2.0), atol=1e-5)
+    assert guided[1][ERROR_OUTPUT][0, 0].startswith(b"InvalidArgument: request: guidance_scale must be >= 0")
+    assert guided[2][ERROR_OUTPUT][0, 0].startswith(b"InvalidArgument: parameter 'guidance_scale' must be a finite")
 
 
 def test_minilm_text_encoder_of_the_small_tier_embeds_task_texts():

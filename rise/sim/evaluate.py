@@ -62,6 +62,7 @@ class EvalReport:
     execute: int
     advantage_bin: int
     action_noise: float
+    guidance_scale: float = 0.0  # 0: the served version's configured default
     versions: dict[str, int] = field(default_factory=dict)  # version that answered -> Act calls
     act_ms: list[float] = field(default_factory=list)  # client round trip per Act call
     server_ms: list[float] = field(default_factory=list)  # ResponseMeta.timing.total_ms per call
@@ -96,7 +97,8 @@ class EvalReport:
             "act_ms_p50": float(np.median(self.act_ms)) if self.act_ms else None,
             "server_ms_mean": float(np.mean(self.server_ms)) if self.server_ms else None,
             "max_steps": self.max_steps, "execute": self.execute, "advantage_bin": self.advantage_bin,
-            "action_noise": self.action_noise, "seed_scheme": f"{EVAL_SEED_BASE} + {SEEDS_PER_EVAL_SEED} * seed + episode",
+            "action_noise": self.action_noise, "guidance_scale": self.guidance_scale,
+            "seed_scheme": f"{EVAL_SEED_BASE} + {SEEDS_PER_EVAL_SEED} * seed + episode",
             "videos": self.videos, "dataset": self.dataset, "wall_s": self.wall_s,
             "per_episode": [asdict(e) for e in self.episodes],
         }
@@ -113,7 +115,8 @@ class EvalReport:
             f"- Act round trip: mean {s['act_ms_mean'] or 0:.2f} ms, p50 {s['act_ms_p50'] or 0:.2f} ms over "
             f"{s['act_calls']} calls (server total mean {s['server_ms_mean'] or 0:.2f} ms)",
             f"- max steps {self.max_steps}, {self.execute} actions executed per chunk, advantage bin {self.advantage_bin}, "
-            f"action noise sigma {self.action_noise}; layout seeds {s['seed_scheme']}", "",
+            f"action noise sigma {self.action_noise}, guidance scale {self.guidance_scale or 'the version default'}; "
+            f"layout seeds {s['seed_scheme']}", "",
             "| episode | seed | success | steps | Act calls |", "|--:|--:|:--|--:|--:|",
             *(f"| {e.index} | {e.seed} | {'yes' if e.success else 'no'} | {e.steps} | {e.calls} |" for e in self.episodes),
         ]
@@ -166,7 +169,8 @@ class _Rollouts:
         report, steps = self.report, self.sim.steps
         request = policy_pb2.ActRequest(
             observation=_observation(frame, self.text), model=common_pb2.ModelRef(version=self.version),
-            advantage_bin=report.advantage_bin, seed=layout_seed * 1000 + steps + 1, request_id=f"{index}:{steps}")
+            advantage_bin=report.advantage_bin, guidance_scale=report.guidance_scale,
+            seed=layout_seed * 1000 + steps + 1, request_id=f"{index}:{steps}")
         start = time.perf_counter()
         try:
             reply = await self.stub.Act(request, timeout=self.timeout_s)
@@ -210,13 +214,14 @@ async def evaluate_async(
     policy, task: str, episodes: int, *, version: str = "", seed: int = 0, max_steps: int = 200,
     execute: int | None = None, advantage_bin: int = 10, action_noise: float = 0.0, videos: int = 0,
     record: Path | None = None, out: Path | None = None, token: str = "", embodiment="metaworld",
-    progress: bool = True,
+    progress: bool = True, guidance_scale: float = 0.0,
 ) -> EvalReport:
     """Evaluate the policy served at `policy` (host:port or a ClientConfig) on `task`.
 
     Runs in the caller's event loop (a policy server may share it: the loop is free while a
     call is in flight). `execute`: actions run per chunk (default: the whole chunk).
     `action_noise`: Gaussian sigma added to every executed action (before MetaWorld's clip).
+    `guidance_scale`: classifier-free guidance towards `advantage_bin` (0: the version's default).
     """
     import time
 
@@ -244,7 +249,8 @@ async def evaluate_async(
         (out / "videos").mkdir(parents=True, exist_ok=True)
 
     sim = MetaWorldSim(task, emb, max_steps=max_steps)
-    report = EvalReport(sim.task, client.address, version, [], max_steps, execute, advantage_bin, action_noise)
+    report = EvalReport(sim.task, client.address, version, [], max_steps, execute, advantage_bin, action_noise,
+                        guidance_scale)
     writer = None
     if record is not None:
         from rise.data.dataset import DatasetWriter
@@ -312,6 +318,8 @@ def register(app: typer.Typer) -> None:
         execute: Optional[int] = typer.Option(None, "--execute", help="Actions executed per chunk (default: all)."),
         advantage_bin: int = typer.Option(10, "--advantage-bin", min=0, max=10, help="0 = unconditioned, 10 = best."),
         action_noise: float = typer.Option(0.0, "--action-noise", min=0.0, help="Gaussian sigma added to executed actions."),
+        guidance_scale: float = typer.Option(0.0, "--guidance-scale", min=0.0,
+                                             help="Classifier-free guidance towards the bin; 0 = the version's default."),
         videos: int = typer.Option(0, "--videos", min=0, help="MP4s of the first K episodes (needs --out)."),
         record: Optional[Path] = typer.Option(None, "--record", help="Write the rollouts as a new LeRobot dataset here."),
         out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.json, summary.md and videos/."),
@@ -325,7 +333,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = evaluate(policy, task, episodes, version=version, seed=seed, max_steps=max_steps, execute=execute,
                               advantage_bin=advantage_bin, action_noise=action_noise, videos=videos, record=record,
-                              out=out, token=token, embodiment=embodiment)
+                              out=out, token=token, embodiment=embodiment, guidance_scale=guidance_scale)
         except (EvaluationError, ValueError) as exc:
             console.print(f"[red]rise eval: {exc}[/red]")
             raise typer.Exit(1) from None

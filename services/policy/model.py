@@ -413,6 +413,9 @@ class FlowMatchingPolicy:
     same (seed, position) gives the same chunk whatever else is in the batch.
     """
 
+    # The service accepts a per-request guidance_scale for this kind (it has a null-bin path).
+    supports_guidance = True
+
     def __init__(self, model, embodiment, device: str = "cpu"):
         import torch
 
@@ -430,8 +433,9 @@ class FlowMatchingPolicy:
         self._lock = threading.Lock()  # one batch at a time: CPU threads are shared anyway
 
     def act(self, views: dict[str, np.ndarray], state: np.ndarray, tasks: list[str], advantage_bins: np.ndarray,
-            num_steps: int = 0, seed: int = 0) -> np.ndarray:
-        """views {name: uint8 [B, H, W, 3]}, state float32 [B, S] -> float32 [B, chunk, action_dim]."""
+            num_steps: int = 0, seed: int = 0, guidance_scale: float | None = None) -> np.ndarray:
+        """views {name: uint8 [B, H, W, 3]}, state float32 [B, S] -> float32 [B, chunk, action_dim].
+        `guidance_scale`: None = the config's; 1 = plain conditioning; > 1 = classifier-free guidance."""
         import torch
 
         from rise.errors import InvalidArgument
@@ -461,7 +465,8 @@ class FlowMatchingPolicy:
             images = self.model.images_to_input({v: torch.from_numpy(np.asarray(views[v], np.uint8)).to(self.device)
                                                  for v in emb.views})
             states = self.model.state_normalizer.normalize(torch.from_numpy(state).to(self.device))
-            chunks = self.model.sample(images, states, list(tasks), torch.from_numpy(bins).to(self.device), steps, noise)
+            chunks = self.model.sample(images, states, list(tasks), torch.from_numpy(bins).to(self.device), steps, noise,
+                                       guidance_scale)
             out = self.model.normalizer.unnormalize(chunks.float()).cpu().numpy()
         return out.astype(np.float32)
 

@@ -26,18 +26,20 @@ class PolicyTriton(TritonAdapter):
                sim_state_size  INT64 [B, 1]          optional: each item's true n, -1 = none
       outputs  actions         FP32  [B, chunk, A]   unnormalised action chunk
                version, error  BYTES [B, 1]          (every adapter)
-      request parameters: num_steps (Euler steps, 0 = model default), seed (0 = nondeterministic)
+      request parameters: num_steps (Euler steps, 0 = model default), seed (0 = nondeterministic),
+                          guidance_scale (classifier-free guidance, 0 = the version's default)
 
     Every kind in `services.policy.server.KINDS` works (linear, scripted expert, the learned
     flow-matching policy); the model call is `PolicyServicer._run`, as over gRPC. Batching matches
-    `rise serve policy`: unseeded requests with the same steps share calls of at most
+    `rise serve policy`: unseeded requests with the same steps and guidance share calls of at most
     `batching.max_batch_size` items (a request is never split); seeded requests and privileged
     models run alone; a bad request fails alone.
     """
 
     service = "policy"
     parameters = {"num_steps": "Euler steps, 0 = the model's default",
-                  "seed": "sampling seed, 0 = nondeterministic; int64 or a decimal string"}
+                  "seed": "sampling seed, 0 = nondeterministic; int64 or a decimal string",
+                  "guidance_scale": "classifier-free guidance towards the bin, 0 = the version's default"}
 
     def __init__(self, embodiment: Embodiment, batching: BatchingConfig):
         super().__init__(embodiment, batching)
@@ -74,9 +76,9 @@ class PolicyTriton(TritonAdapter):
         e = self.embodiment
         return [TensorSpec("actions", np.dtype(np.float32), (e.chunk_length, e.action_dim), doc="action chunk")]
 
-    def _decode(self, loaded: LoadedModel, request: TritonRequest) -> tuple[list, int, int]:
+    def _decode(self, loaded: LoadedModel, request: TritonRequest) -> tuple[list, int, int, float]:
         from rise.observations import NUM_ADVANTAGE_BINS
-        from services.policy.server import _Item
+        from services.policy.server import _Item, check_guidance
 
         e, data = self.embodiment, request.inputs
         views = {}
@@ -113,11 +115,13 @@ class PolicyTriton(TritonAdapter):
                     raise InvalidArgument(f"items[{b}]: sim_state_size {size} exceeds the sim_state width {states.shape[1]}")
                 sim_states[b] = None if size < 0 else states[b, :size].copy()
         items = [_Item({v: views[v][b] for v in e.views}, state[b], tasks[b], int(bins[b]), sim_states[b]) for b in range(batch)]
-        return items, request.int_parameter("num_steps", 0, 0, 2**32 - 1), request.int_parameter("seed", 0)
+        guidance = request.float_parameter("guidance_scale", 0.0)
+        check_guidance(loaded, guidance, "request")
+        return items, request.int_parameter("num_steps", 0, 0, 2**32 - 1), request.int_parameter("seed", 0), guidance
 
     def infer(self, loaded: LoadedModel, requests: list[TritonRequest]) -> list[dict[str, np.ndarray] | BaseException]:
         results: list[dict[str, np.ndarray] | BaseException | None] = [None] * len(requests)
-        decoded: dict[int, tuple[list, int, int]] = {}
+        decoded: dict[int, tuple[list, int, int, float]] = {}
         for i, request in enumerate(requests):
             try:
                 decoded[i] = self._decode(loaded, request)
@@ -125,22 +129,22 @@ class PolicyTriton(TritonAdapter):
                 results[i] = exc
         alone = getattr(loaded.model, "needs_sim_state", False)
         groups: list[list[int]] = []
-        open_groups: dict[int, tuple[list[int], int]] = {}  # num_steps -> (members, items)
-        for i, (items, num_steps, seed) in decoded.items():
+        open_groups: dict[tuple, tuple[list[int], int]] = {}  # (num_steps, guidance) -> (members, items)
+        for i, (items, num_steps, seed, guidance) in decoded.items():
             if seed or alone or len(items) >= self.batching.max_batch_size:
                 groups.append([i])
                 continue
-            members, count = open_groups.get(num_steps, ([], 0))
+            members, count = open_groups.get((num_steps, guidance), ([], 0))
             if members and count + len(items) > self.batching.max_batch_size:
                 groups.append(members)
                 members, count = [], 0
-            open_groups[num_steps] = (members + [i], count + len(items))
+            open_groups[(num_steps, guidance)] = (members + [i], count + len(items))
         groups += [members for members, _ in open_groups.values()]
         for group in groups:
-            _, num_steps, seed = decoded[group[0]]
+            _, num_steps, seed, guidance = decoded[group[0]]
             items = [item for i in group for item in decoded[i][0]]
             try:
-                chunks = self._servicer._run(loaded, num_steps, seed, items)
+                chunks = self._servicer._run(loaded, num_steps, seed, guidance, items)
             except Exception as exc:  # noqa: BLE001  (the requests of this call fail, no others)
                 for i in group:
                     results[i] = exc

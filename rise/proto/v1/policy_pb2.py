@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as rise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rise/v1/policy.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\"\xa5\x01\n\nActRequest\x12)\n\x0bobservation\x18\x01 \x01(\x0b\x32\x14.rise.v1.Observation\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\x12\x15\n\radvantage_bin\x18\x03 \x01(\x05\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"k\n\x0b\x41\x63tResponse\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.rise.v1.ActionChunk\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x98\x01\n\x0f\x41\x63tBatchRequest\x12*\n\x0cobservations\x18\x01 \x03(\x0b\x32\x14.rise.v1.Observation\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\x12\x16\n\x0e\x61\x64vantage_bins\x18\x03 \x03(\x05\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"]\n\x10\x41\x63tBatchResponse\x12$\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x14.rise.v1.ActionChunk\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta2\xbe\x01\n\rPolicyService\x12\x30\n\x03\x41\x63t\x12\x13.rise.v1.ActRequest\x1a\x14.rise.v1.ActResponse\x12?\n\x08\x41\x63tBatch\x12\x18.rise.v1.ActBatchRequest\x1a\x19.rise.v1.ActBatchResponse\x12:\n\tStreamAct\x12\x13.rise.v1.ActRequest\x1a\x14.rise.v1.ActResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rise/v1/policy.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\"\xbd\x01\n\nActRequest\x12)\n\x0bobservation\x18\x01 \x01(\x0b\x32\x14.rise.v1.Observation\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\x12\x15\n\radvantage_bin\x18\x03 \x01(\x05\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\"k\n\x0b\x41\x63tResponse\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.rise.v1.ActionChunk\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xb0\x01\n\x0f\x41\x63tBatchRequest\x12*\n\x0cobservations\x18\x01 \x03(\x0b\x32\x14.rise.v1.Observation\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\x12\x16\n\x0e\x61\x64vantage_bins\x18\x03 \x03(\x05\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\"]\n\x10\x41\x63tBatchResponse\x12$\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x14.rise.v1.ActionChunk\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta2\xbe\x01\n\rPolicyService\x12\x30\n\x03\x41\x63t\x12\x13.rise.v1.ActRequest\x1a\x14.rise.v1.ActResponse\x12?\n\x08\x41\x63tBatch\x12\x18.rise.v1.ActBatchRequest\x1a\x19.rise.v1.ActBatchResponse\x12:\n\tStreamAct\x12\x13.rise.v1.ActRequest\x1a\x14.rise.v1.ActResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rise.v1.policy_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ACTREQUEST']._serialized_start=56
-  _globals['_ACTREQUEST']._serialized_end=221
-  _globals['_ACTRESPONSE']._serialized_start=223
-  _globals['_ACTRESPONSE']._serialized_end=330
-  _globals['_ACTBATCHREQUEST']._serialized_start=333
-  _globals['_ACTBATCHREQUEST']._serialized_end=485
-  _globals['_ACTBATCHRESPONSE']._serialized_start=487
-  _globals['_ACTBATCHRESPONSE']._serialized_end=580
-  _globals['_POLICYSERVICE']._serialized_start=583
-  _globals['_POLICYSERVICE']._serialized_end=773
+  _globals['_ACTREQUEST']._serialized_end=245
+  _globals['_ACTRESPONSE']._serialized_start=247
+  _globals['_ACTRESPONSE']._serialized_end=354
+  _globals['_ACTBATCHREQUEST']._serialized_start=357
+  _globals['_ACTBATCHREQUEST']._serialized_end=533
+  _globals['_ACTBATCHRESPONSE']._serialized_start=535
+  _globals['_ACTBATCHRESPONSE']._serialized_end=628
+  _globals['_POLICYSERVICE']._serialized_start=631
+  _globals['_POLICYSERVICE']._serialized_end=821
 # @@protoc_insertion_point(module_scope)

@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ActRequest(_message.Message):
-    __slots__ = ("observation", "model", "advantage_bin", "num_steps", "seed", "request_id")
+    __slots__ = ("observation", "model", "advantage_bin", "num_steps", "seed", "request_id", "guidance_scale")
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_BIN_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     observation: _common_pb2.Observation
     model: _common_pb2.ModelRef
     advantage_bin: int
     num_steps: int
     seed: int
     request_id: str
-    def __init__(self, observation: _Optional[_Union[_common_pb2.Observation, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., advantage_bin: _Optional[int] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    guidance_scale: float
+    def __init__(self, observation: _Optional[_Union[_common_pb2.Observation, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., advantage_bin: _Optional[int] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
 
 class ActResponse(_message.Message):
     __slots__ = ("chunk", "meta", "request_id")
@@ -35,18 +37,20 @@ class ActResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[_common_pb2.ActionChunk, _Mapping]] = ..., meta: _Optional[_Union[_common_pb2.ResponseMeta, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ActBatchRequest(_message.Message):
-    __slots__ = ("observations", "model", "advantage_bins", "num_steps", "seed")
+    __slots__ = ("observations", "model", "advantage_bins", "num_steps", "seed", "guidance_scale")
     OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_BINS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     observations: _containers.RepeatedCompositeFieldContainer[_common_pb2.Observation]
     model: _common_pb2.ModelRef
     advantage_bins: _containers.RepeatedScalarFieldContainer[int]
     num_steps: int
     seed: int
-    def __init__(self, observations: _Optional[_Iterable[_Union[_common_pb2.Observation, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., advantage_bins: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    guidance_scale: float
+    def __init__(self, observations: _Optional[_Iterable[_Union[_common_pb2.Observation, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., advantage_bins: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
 
 class ActBatchResponse(_message.Message):
     __slots__ = ("chunks", "meta")
