@@ -76,7 +76,7 @@ def load_cache(path: Path):
 @app.command("train-one", hidden=True)
 def train_one(cache: Path = typer.Option(...), steps: int = typer.Option(...), out: Path = typer.Option(...),
               config: str = typer.Option("small"), set_: list[str] = typer.Option([], "--set"),
-              threads: int = typer.Option(0)) -> None:
+              threads: int = typer.Option(0), compile_loss: bool = typer.Option(False, "--compile")) -> None:
     """One run (a child of `train`): the trainer on the cache's data instead of the datasets'."""
     from rise.config import parse_overrides
     from services.dynamics.model import load_model_config
@@ -85,7 +85,7 @@ def train_one(cache: Path = typer.Option(...), steps: int = typer.Option(...), o
     episodes, normalizer = load_cache(cache)
     cfg = load_model_config(config, {**parse_overrides(set_), "training.transformer.steps": steps})
     summary = train_dynamics(cfg, list(episodes.roots), out, registry=out / "store", publish=True, progress=False,
-                             threads=threads or None, preloaded=(episodes, normalizer))
+                             threads=threads or None, preloaded=(episodes, normalizer), compile_loss=compile_loss)
     print(json.dumps({"steps": steps, "metrics": summary["metrics"], "timings": summary["timings"]}))
 
 
@@ -95,7 +95,8 @@ def train(cache: Path = typer.Option(..., help="From `export`."),
           out: Path = typer.Option(..., "--out"), config: str = typer.Option("small", "--config"),
           set_: list[str] = typer.Option([], "--set", help="Config override for every run, KEY=VALUE."),
           threads: int = typer.Option(0, help="CPU threads per run (0: torch's choice)."),
-          deadline_s: float = typer.Option(0, help="Stop runs still going after this many seconds (0: none).")) -> None:
+          deadline_s: float = typer.Option(0, help="Stop runs still going after this many seconds (0: none)."),
+          compile_loss: bool = typer.Option(False, "--compile", help="torch.compile each run's loss (`rise train dynamics --compile`).")) -> None:
     """All step counts at once, one process each; a summary line per run in `out/steps.json`."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -103,7 +104,8 @@ def train(cache: Path = typer.Option(..., help="From `export`."),
     for n in steps:
         folder = out / f"steps{n}"
         cmd = [sys.executable, __file__, "train-one", "--cache", str(cache), "--steps", str(n), "--out", str(folder),
-               "--config", config, "--threads", str(threads), *[x for s in set_ for x in ("--set", s)]]
+               "--config", config, "--threads", str(threads), *[x for s in set_ for x in ("--set", s)],
+               *(["--compile"] if compile_loss else [])]
         with open(out / f"steps{n}.log", "w") as log:  # the child keeps its own copy of the handle
             runs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     results, shown = {}, 0.0

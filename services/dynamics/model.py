@@ -534,13 +534,19 @@ def _modules():
 
         def flow_matching_loss(self, history, future, normalized_actions, generator=None):
             """Velocity-matching loss on the future latents only (history tokens are conditioning)."""
+            return self.flow_loss_at(history, future, normalized_actions, *self.flow_noise(future, generator))
+
+        def flow_noise(self, future, generator=None):
+            """(noise level sigma [B], noise like `future`): the random part of the loss, drawn eagerly
+            so that the rest (`flow_loss_at`) is a pure function torch.compile can capture whole."""
             cfg = self.config.training.transformer
-            future = future - self.anchor(history)
-            b = future.shape[0]
-            logits = torch.randn(b, generator=generator, device=future.device) * cfg.logit_normal_std
-            sigma = torch.sigmoid(logits + cfg.logit_normal_mean)
+            logits = torch.randn(future.shape[0], generator=generator, device=future.device) * cfg.logit_normal_std
             noise = torch.randn(future.shape, generator=generator, device=future.device, dtype=future.dtype)
-            s = sigma.view(b, 1, 1, 1, 1, 1).to(future.dtype)
+            return torch.sigmoid(logits + cfg.logit_normal_mean), noise
+
+        def flow_loss_at(self, history, future, normalized_actions, sigma, noise):
+            future = future - self.anchor(history)
+            s = sigma.view(-1, 1, 1, 1, 1, 1).to(future.dtype)
             noisy = (1 - s) * future + s * noise
             predicted = self.velocity(history, noisy, sigma * 1000, self.encode_actions(normalized_actions))
             return nn.functional.mse_loss(predicted.float(), (noise - future).float())
