@@ -20,6 +20,8 @@ Per task, the same data and evaluation seeds for every method:
               Wilson 95% intervals
   curve       with `--curve-episodes N`: every version a RISE run published, N episodes each
               (success vs RL steps)
+  guided      with `--guidance-scales 2,3`: every advantage-conditioned policy evaluated again with
+              classifier-free guidance towards bin 10 at each scale (methods `recap-cfg2`, `rise-cfg2`, ...)
 `--seeds 0,1,2` repeats every training stage per seed (the data and evaluation layouts stay the
 same); cells then pool the seeds' episodes and list each seed's rate.
 
@@ -39,7 +41,7 @@ import typer
 app = typer.Typer(add_completion=False)
 METHODS = ("imitation", "recap", "rise", "rise-oracle")
 # Keys added to the run config after runs were made: their values for an older state.json.
-LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0}
+LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": []}
 
 
 class State:
@@ -164,6 +166,11 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             results[method] = stage(f"eval-{method}", lambda: evaluate(
                 server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
                 advantage_bin=0 if method == "imitation" else 10, record=_fresh(record), progress=True).summary())
+        for scale in cfg["guidance_scales"]:  # the same versions and layouts, prompted harder
+            for method in [m for m in versions if m != "imitation"]:
+                results[guided(method, scale)] = stage(f"eval-{guided(method, scale)}", lambda: evaluate(
+                    server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
+                    advantage_bin=10, guidance_scale=scale, progress=True).summary())
         for method, chain in curves.items():  # success vs RL steps: recap's version is step 0
             def curve(chain=chain) -> dict:
                 points = []
@@ -180,6 +187,11 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
         server.close()
     ranking = stage("value-ranking", lambda: value_ranking(Path(value["model"]), folder / "eval-imitation", emb))
     return {"value": value["metrics"], "value_ranking": ranking, **results}
+
+
+def guided(method: str, scale: float) -> str:
+    """The table's name for `method` evaluated with classifier-free guidance `scale`."""
+    return f"{method}-cfg{scale:g}"
 
 
 def rise_methods(cfg: dict) -> dict[str, tuple[str, float | None]]:
@@ -278,6 +290,7 @@ def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
 
     methods = [m for m in cfg["methods"] if m != "rise-oracle"] + [m for m in rise_methods(cfg) if m.startswith("rise-offline")]
     methods += ["rise-oracle"] if "rise-oracle" in cfg["methods"] else []
+    methods += [guided(m, g) for g in cfg.get("guidance_scales", []) for m in methods if m != "imitation"]
     seeds = cfg["seeds"]
     key = lambda task, seed, stage: f"{task}/{stage}" if seed == seeds[0] else f"{task}/seed{seed}/{stage}"  # noqa: E731
     lines = ["| task | " + " | ".join(methods) + " | value: success > failure (held-out) |",
@@ -386,6 +399,8 @@ def main(
     offline_ratios: str = typer.Option("", help="RISE offline-ratio sweep, e.g. 0.1,0.3,0.6,0.9 (learned world model)."),
     seeds: str = typer.Option("0", help="Training seeds, e.g. 0,1,2 (every training stage once per seed)."),
     curve_episodes: int = typer.Option(0, help="Evaluate every published RISE version on this many episodes (0: off)."),
+    guidance_scales: str = typer.Option("", help="Also evaluate each advantage-conditioned policy with classifier-free "
+                                                 "guidance at these scales, e.g. 2,3."),
     set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks)."),
 ) -> None:
     import torch
@@ -396,14 +411,15 @@ def main(
            "value_steps": value_steps, "rl_steps": rl_steps, "eval_episodes": eval_episodes, "seed": seed,
            "eval_seed": eval_seed, "methods": methods.split(","), "set": dict(s.split("=", 1) for s in set_),
            "offline_ratios": [float(r) for r in offline_ratios.split(",") if r],
-           "seeds": [int(x) for x in seeds.split(",")], "curve_episodes": curve_episodes}
+           "seeds": [int(x) for x in seeds.split(",")], "curve_episodes": curve_episodes,
+           "guidance_scales": [float(g) for g in guidance_scales.split(",") if g]}
     unknown = set(cfg["methods"]) - set(METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
     state = State(out / "state.json")
     # What to run (methods, sweep ratios, curves) may grow on a resumed table: every stage is keyed
     # by its own name, so finished ones stay valid. Everything else shapes the stages: it must match.
-    what_to_run = ("methods", "offline_ratios", "curve_episodes")
+    what_to_run = ("methods", "offline_ratios", "curve_episodes", "guidance_scales")
     same = lambda c: {k: v for k, v in c.items() if k not in what_to_run}  # noqa: E731
     if (before := state.done("config")) is not None and same({**LEGACY_CONFIG, **before}) != same(cfg):
         raise typer.BadParameter(f"{out} was started with another config ({before}); use a new --out")
