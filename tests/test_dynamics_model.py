@@ -318,39 +318,59 @@ def test_exported_data_train_runs_side_by_side(dataset, tmp_path):
         assert manifest.kind and (out / f"steps{steps}" / "summary.json").exists()
 
 
+# Runs in its own process: dynamo crashed (SIGSEGV in FakeTensorMode) when this process had already
+# compiled the sampler on its worker thread (test_compiled_path_...), as a pytest module does.
+_COMPILED_LOSS_CHECK = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from rise.data.stats import ActionNormalizer
+from rise.embodiment import PRESETS
+from services.dynamics.model import build_model, load_model_config
+from services.dynamics.train import train
+
+emb = PRESETS["metaworld"]
+torch.manual_seed(0)
+config = load_model_config("tiny")
+normalizer = ActionNormalizer(np.full(emb.action_dim, -1, np.float32), np.ones(emb.action_dim, np.float32))
+model = build_model(config, normalizer).train()
+g = torch.Generator().manual_seed(2)
+c, h, w = config.autoencoder.latent_channels, config.latent_height, config.latent_width
+history = torch.randn(3, len(emb.views), c, config.history_latent_frames, h, w, generator=g)
+future = torch.randn(3, len(emb.views), c, config.future_latent_frames, h, w, generator=g)
+actions = torch.rand(3, emb.chunk_length, emb.action_dim, generator=g) * 2 - 1
+noise = model.flow_noise(future, torch.Generator().manual_seed(5))
+losses, grads = [], []
+for loss_at in (model.flow_loss_at, torch.compile(model.flow_loss_at, dynamic=False)):
+    model.zero_grad()
+    loss = loss_at(history, future, actions, *noise)
+    loss.backward()
+    losses.append(loss.item())
+    grads.append(torch.cat([p.grad.reshape(-1) for p in model.transformer.parameters() if p.grad is not None]))
+entry = model.flow_matching_loss(history, future, actions, torch.Generator().manual_seed(5)).item()
+summary = train(load_model_config("tiny", {"training.transformer.steps": 3, "training.autoencoder.steps": 2}),
+                [Path(sys.argv[1])], Path(sys.argv[2]) / "run", registry=Path(sys.argv[2]) / "store", publish=True,
+                progress=False, log=lambda *args: None, compile_loss=True)
+print(json.dumps({"losses": losses, "entry": entry, "grad_max_diff": float((grads[1] - grads[0]).abs().max()),
+                  "grad_max": float(grads[0].abs().max()), "version": summary["version"],
+                  "last": summary["metrics"]["loss_transformer_last"]}))
+"""
+
+
 def test_compiled_loss_matches_eager_and_a_compiled_run_publishes(dataset, tmp_path):
     """`rise train dynamics --compile`: the loss under torch.compile gives the eager loss and gradients
     for the same noise (drawn eagerly by flow_noise), and a run trained that way publishes."""
-    import torch
+    import subprocess
+    import sys
 
-    from rise.data.stats import ActionNormalizer
-    from services.dynamics.model import build_model, load_model_config
-    from services.dynamics.train import train
-
-    torch.manual_seed(0)
-    config = load_model_config("tiny")
-    normalizer = ActionNormalizer(np.full(EMB.action_dim, -1, np.float32), np.ones(EMB.action_dim, np.float32))
-    model = build_model(config, normalizer).train()
-    g = torch.Generator().manual_seed(2)
-    c, h, w = config.autoencoder.latent_channels, config.latent_height, config.latent_width
-    history = torch.randn(3, len(EMB.views), c, config.history_latent_frames, h, w, generator=g)
-    future = torch.randn(3, len(EMB.views), c, config.future_latent_frames, h, w, generator=g)
-    actions = torch.rand(3, EMB.chunk_length, EMB.action_dim, generator=g) * 2 - 1
-    noise = model.flow_noise(future, torch.Generator().manual_seed(5))
-    losses, grads = [], []
-    for loss_at in (model.flow_loss_at, torch.compile(model.flow_loss_at, dynamic=False)):
-        model.zero_grad()
-        loss = loss_at(history, future, actions, *noise)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(torch.cat([p.grad.reshape(-1) for p in model.transformer.parameters() if p.grad is not None]))
+    done = subprocess.run([sys.executable, "-c", _COMPILED_LOSS_CHECK, str(dataset), str(tmp_path)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    eager, compiled = result["losses"]
     # The eager entry point draws the same noise: the compiled split changes nothing for old runs.
-    assert model.flow_matching_loss(history, future, actions, torch.Generator().manual_seed(5)).item() == pytest.approx(losses[0])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
-
-    summary = train(load_model_config("tiny", {"training.transformer.steps": 3, "training.autoencoder.steps": 2}),
-                    [dataset], tmp_path / "run", registry=tmp_path / "store", publish=True, progress=False,
-                    log=lambda *args: None, compile_loss=True)
-    assert np.isfinite(summary["metrics"]["loss_transformer_last"])
-    assert Registry(tmp_path / "store").manifest("dynamics", summary["version"]).kind
+    assert result["entry"] == pytest.approx(eager)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert result["grad_max_diff"] <= 1e-3 * result["grad_max"] + 1e-5
+    assert np.isfinite(result["last"])
+    assert Registry(tmp_path / "store").manifest("dynamics", result["version"]).kind
