@@ -8,7 +8,8 @@ by side: only ~3x a 2-core CPU per run, but the runs share the GPU almost for fr
           min/max), so a machine without them (the lent GPU machine) trains on exactly these data.
   train   one process per step count, all at once; each is `services.dynamics.train.train` from
           scratch (a resumed run restarts its learning-rate schedule, so it is not the same thing),
-          publishing to its own registry under `--out/steps<N>/store`.
+          publishing to its own registry under `--out/steps<N>/store`. A run stopped early (the
+          deadline) continues from its checkpoint when the same command runs again on the same --out.
 
 Judge the runs afterwards with `rise eval-dynamics` on held-out episodes (see bench/RESULTS.md).
 
@@ -84,8 +85,9 @@ def train_one(cache: Path = typer.Option(...), steps: int = typer.Option(...), o
 
     episodes, normalizer = load_cache(cache)
     cfg = load_model_config(config, {**parse_overrides(set_), "training.transformer.steps": steps})
-    summary = train_dynamics(cfg, list(episodes.roots), out, registry=out / "store", publish=True, progress=False,
-                             threads=threads or None, preloaded=(episodes, normalizer), compile_loss=compile_loss)
+    summary = train_dynamics(cfg, list(episodes.roots), out, resume=(out / "checkpoint.pt").exists(),
+                             registry=out / "store", publish=True, progress=False, threads=threads or None,
+                             preloaded=(episodes, normalizer), compile_loss=compile_loss)
     print(json.dumps({"steps": steps, "metrics": summary["metrics"], "timings": summary["timings"]}))
 
 

@@ -159,10 +159,10 @@ class TritonRequest:
         """A finite number request parameter (double, int64, or a decimal string)."""
         value = self.parameters.get(name, default)
         try:
-            number = float(value) if not isinstance(value, bool) else float("nan")
+            number = float(value)
         except (TypeError, ValueError):
             number = float("nan")
-        if not np.isfinite(number):
+        if isinstance(value, bool) or not np.isfinite(number):
             raise InvalidArgument(f"parameter {name!r} must be a finite number, got {value!r}")
         return number
 

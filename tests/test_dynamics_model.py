@@ -316,6 +316,10 @@ def test_exported_data_train_runs_side_by_side(dataset, tmp_path):
     for steps in (4, 6):
         manifest = Registry(out / f"steps{steps}" / "store").manifest("dynamics", "v0001")
         assert manifest.kind and (out / f"steps{steps}" / "summary.json").exists()
+    # The same command again continues each run from its checkpoint (here finished: it publishes again).
+    subprocess.run([sys.executable, str(script), "train", "--cache", str(cache), "--config", "tiny", "--steps", "4",
+                    "--threads", "1", "--out", str(out)], check=True, capture_output=True)
+    assert Registry(out / "steps4" / "store").manifest("dynamics", "v0002").kind
 
 
 # Runs in its own process: dynamo crashed (SIGSEGV in FakeTensorMode) when this process had already
