@@ -475,3 +475,62 @@ def test_proposal_bins_prompt_each_group_position_with_its_own_bin(store, servic
     # The same starts and noise: the first position of each group asks for bin 10 both times, the second for 1.
     np.testing.assert_allclose(best[0::2], mixed[0::2], atol=1e-5)
     assert not np.allclose(best[1::2], mixed[1::2], atol=1e-3)
+
+
+def test_act_groups_gives_a_group_one_noise_so_its_chunks_differ_only_by_observation(store, services):
+    from rise.transport import connect_policy
+    from services.trainer.rollout import act_groups
+
+    rng = np.random.default_rng(0)
+    one = {v: rng.integers(0, 256, (1, EMB.image_height, EMB.image_width, 3), dtype=np.uint8) for v in EMB.views}
+    views = {v: np.repeat(x, 4, axis=0) for v, x in one.items()}  # 4 rows, the same observation
+    states, tasks, bins = np.zeros((4, EMB.state_dim), np.float32), [TASK] * 4, [10] * 4
+
+    async def both():
+        policy = connect_policy(services.url("policy"))
+        try:
+            plain = await policy.act(views, states, tasks, bins, 0, 7, version="stable")
+            grouped = await act_groups(policy, views, states, tasks, bins, 0, 7, 2, version="stable")
+            return plain.actions, grouped.actions
+        finally:
+            await policy.close()
+
+    plain, grouped = asyncio.run(both())
+    assert not np.allclose(plain[0], plain[1])  # one seeded call: every row its own noise
+    np.testing.assert_allclose(grouped[0], grouped[1], atol=1e-6)  # groups (0, 1) and (2, 3): one noise each
+    np.testing.assert_allclose(grouped[2], grouped[3], atol=1e-6)
+    assert not np.allclose(grouped[0], grouped[2])
+
+
+def test_lookahead_scores_each_proposal_over_the_chunks_imagined_after_it(store, services, tmp_path):
+    from rise.data.loading import load_episodes_in_memory
+    from services.trainer.replay import decode_sample
+    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
+
+    folder, registry = store
+    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
+
+    def first_round(lookahead: int):
+        config = _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
+                                                        "rollout.policy_version": "stable",
+                                                        "rollout.lookahead_chunks": str(lookahead)})
+
+        async def run():
+            clients = await open_clients(config.services)
+            try:
+                rollouts = Rollouts(config.rollout, config.services, clients, starts, "lookahead-test", seed=5)
+                return [decode_sample(p) for p in await rollouts.round(frame_encoding="raw")], rollouts.timing_s
+            finally:
+                for client in clients:
+                    await client.close()
+
+        return asyncio.run(run())
+
+    (plain, _), (ahead, timing) = first_round(0), first_round(2)
+    frames = EMB.chunk_length  # the persistence model's future frames per chunk
+    assert [len(s.value_imagined) for s in plain] == [frames] * 4
+    assert [len(s.value_imagined) for s in ahead] == [3 * frames] * 4  # the proposal + 2 imagined chunks
+    for a, b in zip(plain, ahead):  # the same proposals, stored as before; only their scoring looked further
+        np.testing.assert_allclose(a.actions, b.actions, atol=1e-6)
+        np.testing.assert_allclose(b.value_imagined[:frames], a.value_imagined, atol=1e-5)
+    assert timing["lookahead"] > 0 and "lookahead" in ahead[0].timing_ms

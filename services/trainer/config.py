@@ -82,6 +82,13 @@ class RolloutConfig(StrictModel):
     # Empty = every position gets `advantage_bin` (the reference). Measured on pick-place, the RECAP
     # policy's chunks barely change with the prompt ([10, 7, 4, 1]: within-start spread 0.0101 vs 0.0096).
     proposal_bins: list[int] = Field(default_factory=list)
+    # Chunks the policy imagines after each proposed chunk before the proposal is scored: its
+    # advantage is the value gain over all of them (a group's continuations share their noise, so
+    # they differ only by where the proposals led). Why: one 8-tick chunk moves the value little
+    # (simulator, push: within-start spread 0.011 vs 0.043 between starts); a chunk's effect on
+    # what the policy can do next may show more. 0 = the reference's one-chunk gain. Costs
+    # (1 + lookahead_chunks) times the dynamics calls per sample.
+    lookahead_chunks: int = Field(0, ge=0)
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)

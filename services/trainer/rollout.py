@@ -6,6 +6,7 @@ batched call per service (the services see batches, not a trickle of single requ
     policy.act(current frames, state, task, best bin)        -> chunk          (alias `candidate`;
                                                                  `proposal_bins`: a bin per group position)
     dynamics.imagine(frame history, chunk)                    -> imagined frames
+    (lookahead_chunks > 0: the policy goes on in imagination from the chunk's last frame)
     value.score([current frame, imagined frames])             -> V
     A = clamp(5 * mean(V(imagined) - V(current)), -1, 1), bin = digitize(A)   -> replay stream
 
@@ -66,6 +67,21 @@ def explore(actions: np.ndarray, rng: np.random.Generator, noise: float, offset:
     """[B, chunk, A] + per-step noise (std `noise`) + one offset per chunk and dimension (std `offset`)."""
     b, _, a = actions.shape
     return (actions + rng.normal(0.0, noise, actions.shape) + rng.normal(0.0, offset, (b, 1, a))).astype(np.float32)
+
+
+async def act_groups(policy, views: dict[str, np.ndarray], states: np.ndarray, tasks: list[str], bins: list[int],
+                     num_steps: int, seed: int, group_size: int, **kwargs):
+    """policy.act for rows in groups of `group_size`, every group's chunks from the same noise (one
+    seeded call per position in the group: a seeded call's noise depends on the row's position), so
+    a group's chunks differ only by the rows' observations."""
+    if group_size == 1:
+        return await policy.act(views, states, tasks, bins, num_steps, seed, **kwargs)
+    parts = await asyncio.gather(*(
+        policy.act({v: x[k::group_size] for v, x in views.items()}, states[k::group_size], tasks[k::group_size],
+                   bins[k::group_size], num_steps, seed, **kwargs)
+        for k in range(group_size)))
+    actions = np.stack([part.actions for part in parts], axis=1).reshape(-1, *parts[0].actions.shape[1:])
+    return parts[0]._replace(actions=actions)
 
 
 async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int, seed: int,
@@ -166,7 +182,7 @@ class Rollouts:
         self.rng = np.random.default_rng([seed, 7])
         self.workers = [w for _ in range(config.workers // config.group_size) for w in self._draw_group()]
         self.rounds = 0
-        self.timing_s: dict[str, float] = {"policy": 0.0, "dynamics": 0.0, "value": 0.0, "push": 0.0}
+        self.timing_s: dict[str, float] = {"policy": 0.0, "dynamics": 0.0, "lookahead": 0.0, "value": 0.0, "push": 0.0}
         self.seconds = 0.0  # in rounds and pushes (not waiting for the rate limiter)
         self.pushed = 0
         self.advantages: list[float] = []  # recent ones, for the histogram
@@ -222,13 +238,19 @@ class Rollouts:
             self.dynamics, history, chunks.actions, cfg.dynamics_steps, seed, cfg.group_size, cfg.common_noise,
             version=cfg.dynamics_version, tasks=tasks, sim_states=sim_states, timeout_s=timeout))
         t2 = time.perf_counter()
-        scored = {v: np.concatenate([current[v][:, None], imagined.frames[v]], axis=1) for v in views}
+        future = imagined.frames
+        if cfg.lookahead_chunks:
+            future = await self._look_ahead(history, imagined, states, tasks, seed, policy_version)
+        t_look = time.perf_counter()
+        scored = {v: np.concatenate([current[v][:, None], future[v]], axis=1) for v in views}
         scores = await self._call("value.score", lambda: self.value.score(
             scored, tasks, version=cfg.value_version, timeout_s=timeout))
         t3 = time.perf_counter()
         values = np.asarray(scores.values, np.float32)
         adv, bins = advantage(values[:, 0], values[:, 1:], cfg.advantage_scale, cfg.group_size)
-        timing = {"policy": (t1 - t0) * 1e3, "dynamics": (t2 - t1) * 1e3, "value": (t3 - t2) * 1e3}
+        timing = {"policy": (t1 - t0) * 1e3, "dynamics": (t2 - t1) * 1e3, "value": (t3 - t_look) * 1e3}
+        if cfg.lookahead_chunks:
+            timing["lookahead"] = (t_look - t2) * 1e3
         for key, ms in timing.items():
             self.timing_s[key] += ms / 1e3
         self.advantages = (self.advantages + adv.tolist())[-4096:]
@@ -253,6 +275,30 @@ class Rollouts:
             if workers[first].chain >= cfg.max_chain:
                 workers[first:first + cfg.group_size] = self._draw_group()
         return payloads
+
+
+    async def _look_ahead(self, history: dict[str, np.ndarray], imagined: Imagination, states: np.ndarray,
+                          tasks: list[str], seed: int, policy_version: str) -> dict[str, np.ndarray]:
+        """The policy goes on for `lookahead_chunks` more imagined chunks after each proposal (the
+        robot state stays the real start's, as in chains); -> every imagined frame, the proposal's
+        first: {view: uint8 [B, F * (1 + lookahead_chunks), H, W, 3]}."""
+        cfg, keep, timeout = self.config, self.starts.shape.history, self.services.timeout_s
+        frames = {v: [f] for v, f in imagined.frames.items()}
+        sim_states = imagined.sim_states if self.starts.shape.needs_sim_state else None
+        bins = [cfg.advantage_bin] * len(states)
+        for k in range(1, cfg.lookahead_chunks + 1):
+            history = {v: np.concatenate([h, frames[v][-1]], axis=1)[:, -keep:] for v, h in history.items()}
+            step_seed = seed + k  # one seed per depth: a group's continuations share it (act_groups)
+            chunks = await self._call("policy.act", lambda: act_groups(
+                self.policy, {v: h[:, -1] for v, h in history.items()}, states, tasks, bins, cfg.policy_steps,
+                step_seed, cfg.group_size, version=policy_version or cfg.policy_version, timeout_s=timeout))
+            step = await self._call("dynamics.imagine", lambda: imagine_groups(
+                self.dynamics, history, chunks.actions, cfg.dynamics_steps, step_seed, cfg.group_size, cfg.common_noise,
+                version=cfg.dynamics_version, tasks=tasks, sim_states=sim_states, timeout_s=timeout))
+            sim_states = step.sim_states if sim_states is not None else None
+            for v in frames:
+                frames[v].append(step.frames[v])
+        return {v: np.concatenate(parts, axis=1) for v, parts in frames.items()}
 
 
 async def open_clients(services: ServicesConfig):
