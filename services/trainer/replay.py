@@ -97,7 +97,7 @@ class ReplayItem:
     value_version: str
     chain_index: int
     value_current: float
-    value_imagined: np.ndarray  # float32 [frames]
+    value_imagined: np.ndarray  # float32 [frames]: the chunk's imagined frames, then any lookahead chunks'
     timing_ms: dict[str, float]
     run_id: str
     created_unix_ms: int

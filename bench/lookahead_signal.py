@@ -1,0 +1,233 @@
+"""Does looking further ahead make imagined advantages rank chunks by what they lead to? (issue 7)
+
+RISE scores a proposed chunk by the value gain its imagined frames show. On push, one 8-tick chunk
+moves the value little: the policy's chunks from one start differ in gain by a quarter of the
+spread between starts, and RL on those rankings did not beat the RECAP policy, even with the
+simulator as the world model. `rollout.lookahead_chunks` lets the policy go on in imagination
+for D more chunks before scoring. This measures, with the simulator as the world model (so
+world-model error is out of the picture), whether rankings at depth D predict the real outcome:
+
+    the trainer's own rollout round (Rollouts, lookahead D_max, groups of G chunks per start,
+    the simulator as dynamics, the value service)    -> value gain of each chunk at depth 0..D_max
+    for each chunk, in the simulator: restore the start, run the chunk, then the same policy
+    (prompted bin 10, noise shared by the group: a group's futures differ only by its first
+    chunk) until success or the episode's 200 steps      -> did that chunk lead to success?
+
+and reports per depth: within-start / between-start spread of the gains, the correlation of the
+group-relative advantage with the group-relative outcome, and the success of the chunk each depth
+ranks best vs worst in groups whose chunks did not all end alike.
+
+    .venv/bin/python bench/lookahead_signal.py --store runs/table-push/push/store \
+        --data runs/table-push/push/data --task push --policy v0002 --value v0001
+
+Writes bench/lookahead_signal.json and .png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, ServiceProcesses, machine  # noqa: E402
+
+
+async def imagined_gains(urls: dict, registry, data: Path, policy: str, value: str, oracle: str, starts: int,
+                         group: int, lookahead: int, workers: int, seed: int) -> dict:
+    """The trainer's rollout rounds (first chunks from real starts only) -> per row: the start's
+    simulator state, the proposed chunk, the value now and at every imagined frame."""
+    from rise.data.loading import load_episodes_in_memory
+    from rise.embodiment import PRESETS
+    from services.trainer.config import RolloutConfig, ServicesConfig
+    from services.trainer.replay import decode_sample
+    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
+
+    emb = PRESETS["metaworld"]
+    begin = start_states(load_episodes_in_memory([data], emb), dynamics_shape(registry, oracle, emb.chunk_length))
+    config = RolloutConfig(workers=workers, group_size=group, max_chain=1, lookahead_chunks=lookahead,
+                           policy_version=policy, dynamics_version=oracle, value_version=value)
+    services = ServicesConfig(policy=urls["policy"], value=urls["value"], dynamics=urls["dynamics"], timeout_s=600)
+    clients = await open_clients(services)
+    rows = {k: [] for k in ("sim_state", "actions", "value_current", "value_imagined")}
+    try:
+        rollouts = Rollouts(config, services, clients, begin, "lookahead-signal", seed=seed, log=lambda *a: None)
+        while len(rows["actions"]) < starts * group:
+            sim_states = [w.sim_state.copy() for w in rollouts.workers]  # max_chain 1: every round starts anew
+            for sample, sim_state in zip(map(decode_sample, await rollouts.round(frame_encoding="raw")), sim_states):
+                rows["sim_state"].append(sim_state)
+                rows["actions"].append(sample.actions)
+                rows["value_current"].append(sample.value_current)
+                rows["value_imagined"].append(sample.value_imagined)
+            print(f"  imagined {len(rows['actions'])}/{starts * group} chunks", file=sys.stderr)
+        seconds = rollouts.seconds
+    finally:
+        for client in clients:
+            await client.close()
+    out = {k: np.stack(v)[:starts * group] for k, v in rows.items()}
+    out["imagine_s"] = seconds
+    return out
+
+
+async def outcomes(url: str, task: str, rows: dict, policy: str, group: int, max_steps: int, seed: int,
+                   batch_groups: int = 8) -> np.ndarray:
+    """Each row's chunk run in the simulator from its start, then the policy until success or
+    `max_steps` -> success [rows] (bool). A group's continuations share their noise (act_groups)."""
+    from rise.embodiment import PRESETS
+    from rise.sim.metaworld_sim import MetaWorldSim, task_text
+    from rise.transport import connect_policy
+    from services.trainer.rollout import act_groups
+
+    emb = PRESETS["metaworld"]
+    sim = MetaWorldSim(task, emb, max_steps=max_steps)
+    text = task_text(task)
+    n = len(rows["actions"])
+    states, frames, success, done = list(rows["sim_state"]), [None] * n, np.zeros(n, bool), np.zeros(n, bool)
+
+    def run(i: int, actions: np.ndarray) -> None:  # row i: restore, step, keep the last frame and state
+        frame = sim.set_state(states[i], render=False)
+        if sim.done:  # a start at the episode's last step: nothing left to run
+            frame.views = frame.views or sim.render()
+        for k, action in enumerate([] if sim.done else actions):
+            frame = sim.step(np.clip(action, -1.0, 1.0), render=k == len(actions) - 1 or sim.steps + 1 >= max_steps)
+            if frame.success or sim.done:
+                if not frame.views:
+                    frame.views = sim.render()
+                break
+        frames[i], states[i], success[i], done[i] = frame, sim.get_state(), frame.success, frame.success or sim.done
+
+    for i in range(n):
+        run(i, rows["actions"][i])
+    async with connect_policy(url) as pol:
+        decision = 0
+        while not done.all():
+            decision += 1
+            for first in range(0, n, batch_groups * group):  # whole groups per call, so each shares a noise
+                rows_ = range(first, min(n, first + batch_groups * group))
+                if done[list(rows_)].all():
+                    continue
+                views = {v: np.stack([frames[i].views[v] for i in rows_]) for v in emb.views}
+                chunk = await act_groups(pol, views, np.stack([frames[i].state for i in rows_]), [text] * len(rows_),
+                                         [10] * len(rows_), 0, seed * 1000 + decision, group, version=policy,
+                                         timeout_s=600)
+                for j, i in enumerate(rows_):
+                    if not done[i]:
+                        run(i, chunk.actions[j])
+            print(f"  outcomes: decision {decision}, {int(done.sum())}/{n} ended, {int(success.sum())} successes",
+                  file=sys.stderr)
+    sim.close()
+    return success
+
+
+def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int, lookahead: int) -> list[dict]:
+    """Per depth d: what the trainer's advantage with lookahead d says, against the outcomes."""
+    from services.trainer.rollout import advantage
+
+    outcome = success.reshape(-1, group).astype(float)
+    mixed = outcome.std(axis=1) > 0  # groups whose chunks did not all end alike: the choice mattered
+    relative_outcome = (outcome - outcome.mean(axis=1, keepdims=True)).reshape(-1)
+    result = []
+    for d in range(lookahead + 1):
+        imagined = rows["value_imagined"][:, :frames_per_chunk * (d + 1)]
+        gain = (imagined - rows["value_current"][:, None]).mean(axis=1).reshape(-1, group)
+        adv, _ = advantage(rows["value_current"], imagined, 5.0, group)
+        best, worst = gain.argmax(axis=1), gain.argmin(axis=1)
+        pick = lambda which: float(outcome[mixed, which[mixed]].mean()) if mixed.any() else float("nan")  # noqa: E731
+        result.append({
+            "depth": d, "ticks_seen": frames_per_chunk * (d + 1),
+            "gain_std_within_start": round(float(gain.std(axis=1).mean()), 4),
+            "gain_std_between_starts": round(float(gain.mean(axis=1).std()), 4),
+            "pearson_advantage_vs_outcome": round(float(np.corrcoef(adv, relative_outcome)[0, 1]), 3)
+            if relative_outcome.std() > 0 else None,
+            "pearson_absolute_gain_vs_success": round(float(np.corrcoef(gain.reshape(-1), outcome.reshape(-1))[0, 1]), 3)
+            if outcome.std() > 0 else None,
+            "success_of_best_ranked_chunk_in_mixed_groups": round(pick(best), 3),
+            "success_of_worst_ranked_chunk_in_mixed_groups": round(pick(worst), 3),
+        })
+    return result
+
+
+def plot(path: Path, depths: list[dict], mixed_success: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [d["ticks_seen"] for d in depths]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(x, [d["success_of_best_ranked_chunk_in_mixed_groups"] for d in depths], "o-", label="chunk ranked best")
+    a.plot(x, [d["success_of_worst_ranked_chunk_in_mixed_groups"] for d in depths], "o-", label="chunk ranked worst")
+    a.axhline(mixed_success, color="grey", ls="--", label="any chunk (mean)")
+    a.set(xlabel="imagined ticks before scoring", ylabel="success in the simulator",
+          title="groups whose chunks ended differently")
+    a.legend()
+    b.plot(x, [d["pearson_advantage_vs_outcome"] for d in depths], "o-")
+    b.axhline(0, color="grey", lw=0.5)
+    b.set(xlabel="imagined ticks before scoring", ylabel="Pearson r", title="group advantage vs group-relative outcome")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(
+    store: Path = typer.Option(..., help="Registry with the RL start policy and the value model."),
+    data: Path = typer.Option(..., help="LeRobot dataset with recorded simulator states (the starts)."),
+    task: str = typer.Option("push", help="The dataset's MetaWorld task."),
+    policy: str = typer.Option("stable", help="Policy version or alias (the RL start policy)."),
+    value: str = typer.Option("stable", help="Value version or alias."),
+    starts: int = typer.Option(96, min=2),
+    group: int = typer.Option(4, min=2, help="The trainer's rollout.group_size."),
+    lookahead: int = typer.Option(3, min=0, help="Deepest rollout.lookahead_chunks measured (every depth up to it)."),
+    workers: int = typer.Option(32, min=1, help="Rollout workers per round (a multiple of --group)."),
+    max_steps: int = typer.Option(200, help="Episode length, as in `rise eval`."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(ROOT / "bench" / "lookahead_signal.json"),
+) -> None:
+    from rise.baselines import publish_oracle_dynamics
+    from rise.embodiment import PRESETS
+    from rise.registry import Registry
+    from services.dynamics.oracle import KIND as ORACLE_KIND
+
+    registry = Registry(store)
+    emb = PRESETS["metaworld"]
+    oracles = [v for v in registry.versions("dynamics") if registry.manifest("dynamics", v).kind == ORACLE_KIND]
+    oracle = oracles[-1] if oracles else publish_oracle_dynamics(registry, emb).version
+    policy_v, value_v = registry.resolve("policy", policy), registry.resolve("value", value)
+    frames_per_chunk = emb.chunk_length // int(registry.manifest("dynamics", oracle).config.get("frame_stride", 1))
+    info = machine()
+    services = ServiceProcesses(store, ROOT / "runs" / "lookahead_signal_logs", extra={
+        "policy": f"preload: []\npin: {{measured: {policy_v}}}", "value": f"preload: []\npin: {{measured: {value_v}}}",
+        "dynamics": f"preload: []\npin: {{oracle: {oracle}}}"})
+    started = time.perf_counter()
+    try:
+        asyncio.run(services.wait_ready())
+        rows = asyncio.run(imagined_gains(services.urls, registry, data, policy_v, value_v, oracle, starts, group,
+                                          lookahead, workers, seed))
+        imagined_s = time.perf_counter() - started
+        success = asyncio.run(outcomes(services.urls["policy"], task, rows, policy_v, group, max_steps, seed))
+    finally:
+        services.stop()
+    outcome = success.reshape(-1, group)
+    mixed = outcome.std(axis=1) > 0
+    depths = by_depth(rows, success, group, frames_per_chunk, lookahead)
+    result = {
+        "machine": info, "store": str(store), "data": str(data), "task": task,
+        "versions": {"policy": policy_v, "value": value_v, "oracle_dynamics": oracle},
+        "starts": starts, "group": group, "lookahead": lookahead, "max_steps": max_steps, "seed": seed,
+        "wall_s": {"imagine": round(imagined_s, 1), "total": round(time.perf_counter() - started, 1)},
+        "outcomes": {"success_rate": round(float(success.mean()), 3), "groups_all_success": int(outcome.all(axis=1).sum()),
+                     "groups_all_failure": int((~outcome).all(axis=1).sum()), "groups_mixed": int(mixed.sum()),
+                     "success_rate_in_mixed_groups": round(float(outcome[mixed].mean()), 3) if mixed.any() else None},
+        "by_depth": depths,
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(out.with_suffix(".png"), depths, result["outcomes"]["success_rate_in_mixed_groups"] or 0.0)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(main)
