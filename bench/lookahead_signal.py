@@ -11,7 +11,8 @@ world-model error is out of the picture), whether rankings at depth D predict th
     the simulator as dynamics, the value service)    -> value gain of each chunk at depth 0..D_max
     for each chunk, in the simulator: restore the start, run the chunk, then the same policy
     (prompted bin 10, noise shared by the group: a group's futures differ only by its first
-    chunk) until success or the episode's 200 steps      -> did that chunk lead to success?
+    chunk) until success or the episode's 200 steps, K times with different noise
+                                                         -> the chunk's success rate
 
 and reports per depth: within-start / between-start spread of the gains, the correlation of the
 group-relative advantage with the group-relative outcome, and the success of the chunk each depth
@@ -20,7 +21,7 @@ ranks best vs worst in groups whose chunks did not all end alike.
     .venv/bin/python bench/lookahead_signal.py --store runs/table-push/push/store \
         --data runs/table-push/push/data --task push --policy v0002 --value v0001
 
-Writes bench/lookahead_signal.json and .png.
+Writes bench/lookahead_signal.json, .png and .npz (the rows: starts, chunks, values, outcomes).
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ async def outcomes(url: str, task: str, rows: dict, policy: str, group: int, max
 
 
 def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int, lookahead: int) -> list[dict]:
-    """Per depth d: what the trainer's advantage with lookahead d says, against the outcomes."""
+    """Per depth d: what the trainer's advantage with lookahead d says, against the outcomes
+    (success [K, rows]: each chunk's success over K continuations)."""
     from services.trainer.rollout import advantage
 
-    outcome = success.reshape(-1, group).astype(float)
+    outcome = success.mean(axis=0).reshape(-1, group)  # each chunk's success rate
     mixed = outcome.std(axis=1) > 0  # groups whose chunks did not all end alike: the choice mattered
     relative_outcome = (outcome - outcome.mean(axis=1, keepdims=True)).reshape(-1)
     result = []
@@ -184,6 +186,8 @@ def main(
     lookahead: int = typer.Option(3, min=0, help="Deepest rollout.lookahead_chunks measured (every depth up to it)."),
     workers: int = typer.Option(32, min=1, help="Rollout workers per round (a multiple of --group)."),
     max_steps: int = typer.Option(200, help="Episode length, as in `rise eval`."),
+    continuations: int = typer.Option(1, min=1, help="Simulator runs per chunk, each with its own policy noise "
+                                      "(shared by the group): a chunk's success rate, not one draw."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(ROOT / "bench" / "lookahead_signal.json"),
 ) -> None:
@@ -208,20 +212,30 @@ def main(
         rows = asyncio.run(imagined_gains(services.urls, registry, data, policy_v, value_v, oracle, starts, group,
                                           lookahead, workers, seed))
         imagined_s = time.perf_counter() - started
-        success = asyncio.run(outcomes(services.urls["policy"], task, rows, policy_v, group, max_steps, seed))
+        success = np.stack([asyncio.run(outcomes(services.urls["policy"], task, rows, policy_v, group, max_steps,
+                                                 seed * 100 + k)) for k in range(continuations)])
     finally:
         services.stop()
-    outcome = success.reshape(-1, group)
-    mixed = outcome.std(axis=1) > 0
+    np.savez_compressed(out.with_suffix(".npz"), success=success, value_current=rows["value_current"],
+                        value_imagined=rows["value_imagined"], actions=rows["actions"], sim_state=rows["sim_state"])
+    rate = success.mean(axis=0).reshape(-1, group)  # each chunk's success rate over the continuations
+    mixed = rate.std(axis=1) > 0
+    # Does the first chunk matter? The spread of success between a start's chunks, against what K
+    # continuations per chunk would show if every chunk of the start were worth the same.
+    within = float(rate.var(axis=1, ddof=1).mean())
+    pooled = rate.mean(axis=1, keepdims=True)
+    noise_only = float((pooled * (1 - pooled) / continuations).mean()) if continuations > 1 else float("nan")
     depths = by_depth(rows, success, group, frames_per_chunk, lookahead)
     result = {
         "machine": info, "store": str(store), "data": str(data), "task": task,
         "versions": {"policy": policy_v, "value": value_v, "oracle_dynamics": oracle},
-        "starts": starts, "group": group, "lookahead": lookahead, "max_steps": max_steps, "seed": seed,
+        "starts": starts, "group": group, "lookahead": lookahead, "continuations": continuations, "max_steps": max_steps, "seed": seed,
         "wall_s": {"imagine": round(imagined_s, 1), "total": round(time.perf_counter() - started, 1)},
-        "outcomes": {"success_rate": round(float(success.mean()), 3), "groups_all_success": int(outcome.all(axis=1).sum()),
-                     "groups_all_failure": int((~outcome).all(axis=1).sum()), "groups_mixed": int(mixed.sum()),
-                     "success_rate_in_mixed_groups": round(float(outcome[mixed].mean()), 3) if mixed.any() else None},
+        "outcomes": {"success_rate": round(float(success.mean()), 3), "groups_all_success": int((rate == 1).all(axis=1).sum()),
+                     "groups_all_failure": int((rate == 0).all(axis=1).sum()), "groups_mixed": int(mixed.sum()),
+                     "success_rate_in_mixed_groups": round(float(rate[mixed].mean()), 3) if mixed.any() else None,
+                     "success_variance_between_a_starts_chunks": round(within, 4),
+                     "same_if_the_chunk_did_not_matter": round(noise_only, 4)},
         "by_depth": depths,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
