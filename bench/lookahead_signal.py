@@ -154,7 +154,7 @@ def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int,
     return result
 
 
-def plot(path: Path, depths: list[dict], mixed_success: float) -> None:
+def plot(path: Path, depths: list[dict], mixed_success: float, mixed_groups: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +166,7 @@ def plot(path: Path, depths: list[dict], mixed_success: float) -> None:
     a.plot(x, [d["success_of_worst_ranked_chunk_in_mixed_groups"] for d in depths], "o-", label="chunk ranked worst")
     a.axhline(mixed_success, color="grey", ls="--", label="any chunk (mean)")
     a.set(xlabel="imagined ticks before scoring", ylabel="success in the simulator",
-          title="groups whose chunks ended differently")
+          title=f"the {mixed_groups} starts whose chunks ended differently")
     a.legend()
     b.plot(x, [d["pearson_advantage_vs_outcome"] for d in depths], "o-")
     b.axhline(0, color="grey", lw=0.5)
@@ -239,7 +239,7 @@ def main(
         "by_depth": depths,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(out.with_suffix(".png"), depths, result["outcomes"]["success_rate_in_mixed_groups"] or 0.0)
+    plot(out.with_suffix(".png"), depths, result["outcomes"]["success_rate_in_mixed_groups"] or 0.0, int(mixed.sum()))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 
 
