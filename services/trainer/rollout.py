@@ -276,7 +276,6 @@ class Rollouts:
                 workers[first:first + cfg.group_size] = self._draw_group()
         return payloads
 
-
     async def _look_ahead(self, history: dict[str, np.ndarray], imagined: Imagination, states: np.ndarray,
                           tasks: list[str], seed: int, policy_version: str) -> dict[str, np.ndarray]:
         """The policy goes on for `lookahead_chunks` more imagined chunks after each proposal (the
