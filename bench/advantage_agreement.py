@@ -38,22 +38,18 @@ import numpy as np
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ServiceProcesses, machine  # noqa: E402
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+from common import ROOT, ServiceProcesses, machine, pearson  # noqa: E402
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     rank = lambda x: np.argsort(np.argsort(x)).astype(float)  # noqa: E731  (ties are rare: continuous values)
-    return _pearson(rank(a), rank(b))
+    return pearson(rank(a), rank(b))
 
 
 def agreement(oracle: np.ndarray, other: np.ndarray, oracle_bins: np.ndarray, other_bins: np.ndarray) -> dict:
     """How well `other` advantages track the oracle's."""
     moving = np.abs(oracle) >= 0.1  # sign agreement where the oracle says the chunk clearly helps or hurts
-    return {"pearson": round(_pearson(oracle, other), 3), "spearman": round(_spearman(oracle, other), 3),
+    return {"pearson": round(pearson(oracle, other), 3), "spearman": round(_spearman(oracle, other), 3),
             "sign_agreement": round(float(np.mean(np.sign(oracle[moving]) == np.sign(other[moving]))), 3)
             if moving.any() else None, "clear_oracle_signs": int(moving.sum()),
             "mean_abs_error": round(float(np.mean(np.abs(oracle - other))), 3),
@@ -139,11 +135,11 @@ async def measure(urls: dict, registry, data: Path, learned: str, oracle: str, p
                               "bins": np.bincount(bins["learned"], minlength=11)[1:].tolist()},
         "learned_vs_oracle": agreement(adv["oracle"], adv["learned"], bins["oracle"], bins["learned"]),
         "control_vs_oracle": agreement(adv["oracle"], adv["control"], bins["oracle"], bins["control"]),
-        "learned_vs_control": {"pearson": round(_pearson(adv["learned"], adv["control"]), 3)},
-        "oracle_vs_oracle_control": {"pearson": round(_pearson(adv["oracle"], adv["oracle_control"]), 3)},
+        "learned_vs_control": {"pearson": round(pearson(adv["learned"], adv["control"]), 3)},
+        "oracle_vs_oracle_control": {"pearson": round(pearson(adv["oracle"], adv["oracle_control"]), 3)},
         "action_effect": {"oracle_std": round(float(effect["oracle"].std()), 3),
                           "learned_std": round(float(effect["learned"].std()), 3),
-                          "pearson": round(_pearson(effect["oracle"], effect["learned"]), 3),
+                          "pearson": round(pearson(effect["oracle"], effect["learned"]), 3),
                           "sign_agreement": round(float(np.mean(np.sign(effect["oracle"]) == np.sign(effect["learned"]))), 3)},
         "psnr_learned_vs_oracle_last_frame_db": round(float(np.mean(out["psnr"])), 2),
     }
@@ -193,7 +189,7 @@ def group_agreement(out: dict, group: int, scale: float) -> dict:
     picked_rank = oracle_rank[np.arange(len(best["learned"])), best["learned"]]
     within = gain["oracle"].std(axis=1).mean()
     return {"group_size": group, "starts": int(gain["oracle"].shape[0]),
-            "relative_pearson": round(_pearson(rel["oracle"], rel["learned"]), 3),
+            "relative_pearson": round(pearson(rel["oracle"], rel["learned"]), 3),
             "relative_spearman": round(_spearman(rel["oracle"], rel["learned"]), 3),
             "relative_sign_agreement": round(float(np.mean(np.sign(rel["oracle"]) == np.sign(rel["learned"]))), 3),
             "same_best_chunk": round(float(np.mean(best["oracle"] == best["learned"])), 3),

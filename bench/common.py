@@ -67,6 +67,13 @@ def build_store(work: Path, data: list[Path], task: str, episodes: int, steps: i
     return data
 
 
+def pearson(a, b) -> float:
+    """Pearson r of two 1-D arrays; NaN when either is constant (no correlation to speak of)."""
+    import numpy as np
+
+    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

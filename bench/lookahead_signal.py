@@ -36,7 +36,7 @@ import numpy as np
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ServiceProcesses, machine  # noqa: E402
+from common import ROOT, ServiceProcesses, machine, pearson  # noqa: E402
 
 
 async def imagined_gains(urls: dict, registry, data: Path, policy: str, value: str, oracle: str, starts: int,
@@ -66,13 +66,10 @@ async def imagined_gains(urls: dict, registry, data: Path, policy: str, value: s
                 rows["value_current"].append(sample.value_current)
                 rows["value_imagined"].append(sample.value_imagined)
             print(f"  imagined {len(rows['actions'])}/{starts * group} chunks", file=sys.stderr)
-        seconds = rollouts.seconds
     finally:
         for client in clients:
             await client.close()
-    out = {k: np.stack(v)[:starts * group] for k, v in rows.items()}
-    out["imagine_s"] = seconds
-    return out
+    return {k: np.stack(v)[:starts * group] for k, v in rows.items()}
 
 
 async def outcomes(url: str, task: str, rows: dict, policy: str, group: int, max_steps: int, seed: int,
@@ -110,7 +107,7 @@ async def outcomes(url: str, task: str, rows: dict, policy: str, group: int, max
             decision += 1
             for first in range(0, n, batch_groups * group):  # whole groups per call, so each shares a noise
                 rows_ = range(first, min(n, first + batch_groups * group))
-                if done[list(rows_)].all():
+                if done[first:rows_.stop].all():
                     continue
                 views = {v: np.stack([frames[i].views[v] for i in rows_]) for v in emb.views}
                 chunk = await act_groups(pol, views, np.stack([frames[i].state for i in rows_]), [text] * len(rows_),
@@ -133,21 +130,19 @@ def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int,
     outcome = success.mean(axis=0).reshape(-1, group)  # each chunk's success rate
     mixed = outcome.std(axis=1) > 0  # groups whose chunks did not all end alike: the choice mattered
     relative_outcome = (outcome - outcome.mean(axis=1, keepdims=True)).reshape(-1)
+    pick = lambda which: float(outcome[mixed, which[mixed]].mean()) if mixed.any() else float("nan")  # noqa: E731
     result = []
     for d in range(lookahead + 1):
         imagined = rows["value_imagined"][:, :frames_per_chunk * (d + 1)]
         gain = (imagined - rows["value_current"][:, None]).mean(axis=1).reshape(-1, group)
         adv, _ = advantage(rows["value_current"], imagined, 5.0, group)
         best, worst = gain.argmax(axis=1), gain.argmin(axis=1)
-        pick = lambda which: float(outcome[mixed, which[mixed]].mean()) if mixed.any() else float("nan")  # noqa: E731
         result.append({
             "depth": d, "ticks_seen": frames_per_chunk * (d + 1),
             "gain_std_within_start": round(float(gain.std(axis=1).mean()), 4),
             "gain_std_between_starts": round(float(gain.mean(axis=1).std()), 4),
-            "pearson_advantage_vs_outcome": round(float(np.corrcoef(adv, relative_outcome)[0, 1]), 3)
-            if relative_outcome.std() > 0 else None,
-            "pearson_absolute_gain_vs_success": round(float(np.corrcoef(gain.reshape(-1), outcome.reshape(-1))[0, 1]), 3)
-            if outcome.std() > 0 else None,
+            "pearson_advantage_vs_outcome": round(pearson(adv, relative_outcome), 3),
+            "pearson_absolute_gain_vs_success": round(pearson(gain.reshape(-1), outcome.reshape(-1)), 3),
             "success_of_best_ranked_chunk_in_mixed_groups": round(pick(best), 3),
             "success_of_worst_ranked_chunk_in_mixed_groups": round(pick(worst), 3),
         })
