@@ -11,6 +11,11 @@ Per task, the same data and evaluation seeds for every method:
   value       progress then TD value model                                   (`rise train value`)
   label       chunk advantages -> bins                                       (`rise label`)
   recap       advantage-conditioned fine-tune of the imitation policy on the labelled data
+  recap-rollouts  one more RECAP round on real experience: the RECAP policy's own simulator rollouts
+              (`--rollout-episodes`, layouts of evaluation seed `eval_seed + 1`), labelled by the value
+              model, added to the labelled data; RECAP fine-tuned `recap_steps` more on both. What RISE
+              would learn if its imagination were the real world, episode-long.
+  recap-continued  the control for recap-rollouts: the same `recap_steps` more on the labelled data only
   dynamics    the learned world model at the tier's own config                 (`rise train dynamics`)
   rise        RL in imagination from the RECAP policy through the services, learned world model;
               `--offline-ratios 0.1,0.3,0.6,0.9` adds one run per ratio (methods `rise-offline10`, ...)
@@ -39,9 +44,10 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False)
-METHODS = ("imitation", "recap", "rise", "rise-oracle")
+METHODS = ("imitation", "recap", "recap-rollouts", "recap-continued", "rise", "rise-oracle")
 # Keys added to the run config after runs were made: their values for an older state.json.
-LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": []}
+LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": [],
+                 "rollout_episodes": 50}
 
 
 class State:
@@ -137,6 +143,31 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
         [labelled], folder / "recap", init=Path(imitation["model"]), resume=_started(folder / "recap"),
         registry=registry.root, publish=True, threads=1))
     versions = {"imitation": imitation["version"], "recap": recap["version"]}
+
+    def recap_more(data: list[Path], run: str) -> dict:  # RECAP's own recipe, continued from the RECAP policy
+        return train_policy(
+            load_model_config(cfg["tier"], {"training.steps": cfg["recap_steps"], "training.mode": "advantage",
+                                            "training.seed": seed}),
+            data, folder / run, init=Path(recap["model"]), resume=_started(folder / run), registry=registry.root,
+            publish=True, threads=1)
+    if "recap-rollouts" in cfg["methods"]:
+        rollouts, rollouts_labelled = folder / "rollouts-recap", folder / "rollouts-recap-labelled"
+
+        def roll_out() -> dict:
+            registry.set_alias("policy", "recap", recap["version"])
+            server = PolicyServer(registry.root, preload=["recap"])
+            try:  # layouts of the next evaluation seed: never the held-out ones, never the data's
+                return evaluate(server.running.address, task, cfg["rollout_episodes"], version="recap",
+                                seed=cfg["eval_seed"] + 1, advantage_bin=10, record=_fresh(rollouts),
+                                progress=True).summary()
+            finally:
+                server.close()
+        stage("rollouts", roll_out)
+        stage("label-rollouts", lambda: label(str(Path(value["model"])), rollouts, _fresh(rollouts_labelled)))
+        versions["recap-rollouts"] = stage("recap-rollouts", lambda: recap_more([labelled, rollouts_labelled],
+                                                                              "recap-rollouts"))["version"]
+    if "recap-continued" in cfg["methods"]:
+        versions["recap-continued"] = stage("recap-continued", lambda: recap_more([labelled], "recap-continued"))["version"]
 
     rise_runs = rise_methods(cfg)
     if any(dyn == "learned" for dyn, _ in rise_runs.values()):
@@ -393,6 +424,7 @@ def main(
     recap_steps: int = typer.Option(750),
     value_steps: int = typer.Option(1500),
     rl_steps: int = typer.Option(300),
+    rollout_episodes: int = typer.Option(50, help="recap-rollouts: the RECAP policy's simulator episodes it learns from."),
     eval_episodes: int = typer.Option(50),
     seed: int = typer.Option(0),
     eval_seed: int = typer.Option(1, help="Evaluation layouts 2**32 + 100000 * eval_seed + episode: never the data's."),
@@ -408,8 +440,9 @@ def main(
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"tier": tier, "episodes": episodes, "noise": noise, "policy_steps": policy_steps, "recap_steps": recap_steps,
-           "value_steps": value_steps, "rl_steps": rl_steps, "eval_episodes": eval_episodes, "seed": seed,
-           "eval_seed": eval_seed, "methods": methods.split(","), "set": dict(s.split("=", 1) for s in set_),
+           "value_steps": value_steps, "rl_steps": rl_steps, "rollout_episodes": rollout_episodes,
+           "eval_episodes": eval_episodes, "seed": seed, "eval_seed": eval_seed, "methods": methods.split(","),
+           "set": dict(s.split("=", 1) for s in set_),
            "offline_ratios": [float(r) for r in offline_ratios.split(",") if r],
            "seeds": [int(x) for x in seeds.split(",")], "curve_episodes": curve_episodes,
            "guidance_scales": [float(g) for g in guidance_scales.split(",") if g]}
