@@ -15,6 +15,8 @@ Per task, the same data and evaluation seeds for every method:
               (`--rollout-episodes`, layouts of evaluation seed `eval_seed + 1`), labelled by the value
               model, added to the labelled data; RECAP fine-tuned `recap_steps` more on both. What RISE
               would learn if its imagination were the real world, episode-long.
+  recap-rollouts-outcome  the same, the rollouts labelled by their real outcome (`rise label --outcome`:
+              bin 10 success, bin 1 failure) instead of the value model: is the value model's labelling the limit?
   recap-continued  the control for recap-rollouts: the same `recap_steps` more on the labelled data only
   dynamics    the learned world model at the tier's own config                 (`rise train dynamics`)
   rise        RL in imagination from the RECAP policy through the services, learned world model;
@@ -44,7 +46,8 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False)
-METHODS = ("imitation", "recap", "recap-rollouts", "recap-continued", "rise", "rise-oracle")
+METHODS = ("imitation", "recap", "recap-rollouts", "recap-rollouts-outcome", "recap-continued", "rise",
+           "rise-oracle")
 # Keys added to the run config after runs were made: their values for an older state.json.
 LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": [],
                  "rollout_episodes": 50}
@@ -150,8 +153,8 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
                                             "training.seed": seed}),
             data, folder / run, init=Path(recap["model"]), resume=_started(folder / run), registry=registry.root,
             publish=True, threads=1)
-    if "recap-rollouts" in cfg["methods"]:
-        rollouts, rollouts_labelled = folder / "rollouts-recap", folder / "rollouts-recap-labelled"
+    if {"recap-rollouts", "recap-rollouts-outcome"} & set(cfg["methods"]):
+        rollouts = folder / "rollouts-recap"
 
         def roll_out() -> dict:
             registry.set_alias("policy", "recap", recap["version"])
@@ -163,9 +166,14 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             finally:
                 server.close()
         stage("rollouts", roll_out)
-        stage("label-rollouts", lambda: label(str(Path(value["model"])), rollouts, _fresh(rollouts_labelled)))
-        versions["recap-rollouts"] = stage("recap-rollouts", lambda: recap_more([labelled, rollouts_labelled],
-                                                                              "recap-rollouts"))["version"]
+    rollout_labels = (("recap-rollouts", "label-rollouts", "rollouts-recap-labelled", False),
+                      ("recap-rollouts-outcome", "label-rollouts-outcome", "rollouts-recap-outcome", True))
+    for method, label_stage, labelled_name, outcome in rollout_labels:
+        if method in cfg["methods"]:  # (each stage runs its function at once: the loop variables are current)
+            rollouts_labelled = folder / labelled_name
+            stage(label_stage, lambda: label(str(Path(value["model"])), rollouts, _fresh(rollouts_labelled),
+                                             outcome=outcome))
+            versions[method] = stage(method, lambda: recap_more([labelled, rollouts_labelled], method))["version"]
     if "recap-continued" in cfg["methods"]:
         versions["recap-continued"] = stage("recap-continued", lambda: recap_more([labelled], "recap-continued"))["version"]
 

@@ -199,6 +199,28 @@ def test_label_with_a_local_run_and_refuses_an_existing_output(trained, dataset,
         label(str(run), dataset, tmp_path / "local", log=lambda *a: None)
 
 
+def test_label_with_outcome_gives_each_episode_its_real_result(trained, dataset, tmp_path):
+    import pyarrow.parquet as pq
+
+    from services.value.label import label
+
+    _, run, _ = trained
+    summary = label(str(run), dataset, tmp_path / "outcome", plots=False, outcome=True, log=lambda *a: None)
+    assert summary["advantage_from"] == "outcome"
+    table = pq.read_table(sorted((tmp_path / "outcome" / "data").glob("*/*.parquet")),
+                          columns=["episode_index", "success", "advantage", "advantage_bin", "value"])
+    episode = np.asarray(table.column("episode_index").to_pylist())
+    success = np.asarray(table.column("success").to_pylist()).reshape(-1).astype(bool)
+    advantage = np.asarray(table.column("advantage").to_pylist()).reshape(-1)
+    bins = np.asarray(table.column("advantage_bin").to_pylist()).reshape(-1)
+    assert success.any() and (~success).any()  # the fixture has both outcomes
+    for e in np.unique(episode):
+        ok = success[episode == e].any()
+        assert np.all(advantage[episode == e] == (1.0 if ok else -1.0))
+        assert np.all(bins[episode == e] == (10 if ok else 1))
+    assert np.any(np.asarray(table.column("value").to_pylist()) != 0)  # values are still scored
+
+
 # ---- the service -------------------------------------------------------------------------------
 def test_service_scores_with_the_requested_version(stub, trained):
     episode = synthetic_episode(True, 20)

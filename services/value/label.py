@@ -5,6 +5,10 @@
                    (scale 5, horizon 50 as the RISE reference; the last frame has K = 0: A = 0)
     advantage_bin  np.digitize(A_t, linspace(-1, 1, bins + 1)[:-1]): 1..bins, `bins` the best
 
+`--outcome` sets A_t to the episode's real outcome instead (+1 success, -1 failure; V_t is still
+scored): for simulated rollouts, whose outcome is known, the labels a perfect judge of whole
+episodes would give (bin `bins` or 1).
+
 The value comes from a running value service (`--value host:port` or `grpc://host:port`, any
 served version or alias with `--version`): the product path, so labels name the exact version
 that produced them, and the labeller needs no torch model code. A local run or model folder
@@ -154,7 +158,7 @@ def plot_episode(path: Path, values: np.ndarray, advantages: np.ndarray, title: 
 
 def label(value: str, data: Path, out: Path, *, version: str = "", token: str = "", horizon: int = 50,
           scale: float = 5.0, bins: int = 10, embodiment: str = "metaworld", plots: bool = True,
-          log=print) -> dict:
+          outcome: bool = False, log=print) -> dict:
     """Score every frame of `data`, write the labelled copy at `out`; returns a summary."""
     from lerobot.datasets.dataset_tools import add_features
 
@@ -195,7 +199,8 @@ def label(value: str, data: Path, out: Path, *, version: str = "", token: str = 
     advantages = np.zeros(len(episodes), np.float32)
     for ep in range(episodes.num_episodes):
         a, n = int(episodes.episode_starts[ep]), int(episodes.episode_lengths[ep])
-        advantages[a:a + n] = chunk_advantages(values[a:a + n], horizon, scale)
+        advantages[a:a + n] = ((1.0 if episodes.frame_success[a] else -1.0) if outcome
+                               else chunk_advantages(values[a:a + n], horizon, scale))
     labels = advantage_bins(advantages, bins)
 
     # The parquet rows' order (what add_features walks): map each (episode, frame) to its labels.
@@ -224,7 +229,8 @@ def label(value: str, data: Path, out: Path, *, version: str = "", token: str = 
                                                values[a:a + n], advantages[a:a + n], title)))
     counts = np.bincount(labels, minlength=bins + 1)[1:]
     summary = {
-        "source": str(data), "out": str(out), "value_version": value_version, "horizon": horizon, "scale": scale,
+        "source": str(data), "out": str(out), "value_version": value_version,
+        "advantage_from": "outcome" if outcome else "value", "horizon": horizon, "scale": scale,
         "bins": bins, "frames": int(len(episodes)), "episodes": int(episodes.num_episodes),
         "bin_counts": counts.tolist(), "advantage_mean": float(advantages.mean()),
         "value_mean_success": float(values[episodes.frame_success].mean()) if episodes.frame_success.any() else None,
@@ -264,6 +270,8 @@ def register(app: typer.Typer) -> None:
         bins: int = typer.Option(10, min=2, help="Uniform advantage bins on [-1, 1]."),
         embodiment: str = typer.Option("metaworld", help="Embodiment preset or YAML path."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Per-episode value/advantage PNGs in OUT/plots."),
+        outcome: bool = typer.Option(False, "--outcome", help="Advantage = the episode's real outcome (+1 success, "
+                                     "-1 failure) instead of value gains: for simulated rollouts."),
     ) -> None:
         """Label a dataset with values, chunk advantages and advantage bins (a new LeRobot dataset)."""
         from rich.console import Console
@@ -273,7 +281,7 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         try:
             summary = label(value, data, out, version=version, token=token, horizon=horizon, scale=scale, bins=bins,
-                            embodiment=embodiment, plots=plots, log=console.print)
+                            embodiment=embodiment, plots=plots, outcome=outcome, log=console.print)
         except (FileExistsError, FileNotFoundError, ValueError, RiseError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1)
