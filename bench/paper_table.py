@@ -140,19 +140,16 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
                                         "training.seed": seed}),
         [data], folder / "value", resume=_started(folder / "value"), registry=registry.root, publish=True, threads=1))
     stage("label", lambda: label(str(Path(value["model"])), data, labelled))
-    recap = stage("recap", lambda: train_policy(
-        load_model_config(cfg["tier"], {"training.steps": cfg["recap_steps"], "training.mode": "advantage",
-                                        "training.seed": seed}),
-        [labelled], folder / "recap", init=Path(imitation["model"]), resume=_started(folder / "recap"),
-        registry=registry.root, publish=True, threads=1))
-    versions = {"imitation": imitation["version"], "recap": recap["version"]}
 
-    def recap_more(data: list[Path], run: str) -> dict:  # RECAP's own recipe, continued from the RECAP policy
+    def recap_training(datasets: list[Path], run: str, init: dict) -> dict:  # RECAP's recipe: `recap_steps` on labels
         return train_policy(
             load_model_config(cfg["tier"], {"training.steps": cfg["recap_steps"], "training.mode": "advantage",
                                             "training.seed": seed}),
-            data, folder / run, init=Path(recap["model"]), resume=_started(folder / run), registry=registry.root,
+            datasets, folder / run, init=Path(init["model"]), resume=_started(folder / run), registry=registry.root,
             publish=True, threads=1)
+    recap = stage("recap", lambda: recap_training([labelled], "recap", init=imitation))
+    versions = {"imitation": imitation["version"], "recap": recap["version"]}
+
     if {"recap-rollouts", "recap-rollouts-outcome"} & set(cfg["methods"]):
         rollouts = folder / "rollouts-recap"
 
@@ -166,16 +163,18 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             finally:
                 server.close()
         stage("rollouts", roll_out)
-    rollout_labels = (("recap-rollouts", "label-rollouts", "rollouts-recap-labelled", False),
-                      ("recap-rollouts-outcome", "label-rollouts-outcome", "rollouts-recap-outcome", True))
-    for method, label_stage, labelled_name, outcome in rollout_labels:
-        if method in cfg["methods"]:  # (each stage runs its function at once: the loop variables are current)
-            rollouts_labelled = folder / labelled_name
-            stage(label_stage, lambda: label(str(Path(value["model"])), rollouts, _fresh(rollouts_labelled),
-                                             outcome=outcome))
-            versions[method] = stage(method, lambda: recap_more([labelled, rollouts_labelled], method))["version"]
+        rollout_labels = (("recap-rollouts", "label-rollouts", "rollouts-recap-labelled", False),
+                          ("recap-rollouts-outcome", "label-rollouts-outcome", "rollouts-recap-outcome", True))
+        for method, label_stage, labelled_name, outcome in rollout_labels:
+            if method in cfg["methods"]:  # (each stage runs its function at once: the loop variables are current)
+                rollouts_labelled = folder / labelled_name
+                stage(label_stage, lambda: label(str(Path(value["model"])), rollouts, _fresh(rollouts_labelled),
+                                                 outcome=outcome))
+                versions[method] = stage(method, lambda: recap_training([labelled, rollouts_labelled], method,
+                                                                        init=recap))["version"]
     if "recap-continued" in cfg["methods"]:
-        versions["recap-continued"] = stage("recap-continued", lambda: recap_more([labelled], "recap-continued"))["version"]
+        versions["recap-continued"] = stage("recap-continued", lambda: recap_training([labelled], "recap-continued",
+                                                                                      init=recap))["version"]
 
     rise_runs = rise_methods(cfg)
     if any(dyn == "learned" for dyn, _ in rise_runs.values()):
