@@ -5,7 +5,7 @@ bin: what the policy learns from "bin 10" is whatever the bin-10 frames have in 
 datasets written by `rise label` and reports, per dataset, the bins of frames from successful and
 from failed episodes, and which share of the bin-10 frames comes from successful episodes.
 
-    .venv/bin/python bench/label_outcomes.py runs/table-push/push/data-labelled runs/table-push-b/push/rollouts-recap-labelled \\
+    .venv/bin/python bench/label_outcomes.py runs/table-push/push/data-labelled runs/table-push/push/rollouts-recap-labelled \\
         --names "expert data,RECAP rollouts" --out bench/label_outcomes_push.json
 
 Writes the JSON and a PNG (bin histograms by outcome) next to it.
