@@ -69,8 +69,9 @@ def export(data: list[Path] = typer.Option(..., "--data", help="LeRobot dataset 
 
 
 def frames_to_webp(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, H, W, 3] uint8 frames as lossless WebP images of up to 16,383 px (WebP's limit) stacked
-    frames each: (all images' bytes, offsets of each image in them)."""
+    """[N, H, W, 3] uint8 frames as lossless WebP images, each a column of up to 16,383 // H frames
+    (WebP's side limit is 16,383 px): (every image's bytes, one after another; offsets where each
+    image starts, and the end)."""
     from PIL import Image
 
     per_strip = 16383 // frames.shape[1]
