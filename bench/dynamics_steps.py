@@ -101,8 +101,8 @@ def load_cache(path: Path):
     with lzma.open(path) as f:
         z = np.load(io.BytesIO(f.read()))
     views = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("view:")}  # exports before WebP
-    views |= {k.split(":", 1)[1]: webp_to_frames(z[k], z[f"webp_offsets:{k[5:]}"], tuple(z[f"frame_shape:{k[5:]}"]))
-              for k in z.files if k.startswith("webp:")}
+    for v in [k.split(":", 1)[1] for k in z.files if k.startswith("webp:")]:
+        views[v] = webp_to_frames(z[f"webp:{v}"], z[f"webp_offsets:{v}"], tuple(z[f"frame_shape:{v}"]))
     episodes = EpisodesInMemory(views, z["actions"], z["states"], z["episode_lengths"], z["episode_tasks"],
                                 z["episode_success"], z["episode_dataset"], [str(t) for t in z["tasks"]],
                                 [Path(r) for r in z["roots"]])

@@ -26,13 +26,14 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(store: Path = typer.Option(..., help="Registry root holding the policy versions."),
-         version: list[str] = typer.Option(..., "--version", help="Policy version id (repeat)."),
+         version: list[str] = typer.Option(..., "--version", help="Policy version id or alias (repeat)."),
          data: Path = typer.Option(..., help="LeRobot dataset whose frames are the inputs."),
          frames: int = typer.Option(200, help="Frames, spread evenly over the dataset."),
          batch: int = typer.Option(25), out: Path = typer.Option(..., help="JSON to write.")) -> None:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
-    from services.policy.model import FlowMatchingPolicy, load_model
+    from rise.registry import Registry
+    from services.policy.model import load
 
     emb = PRESETS["metaworld"]
     episodes = load_episodes_in_memory(data, emb)
@@ -40,7 +41,7 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
     tasks = [episodes.tasks[i] for i in episodes.frame_task_ids[picks]]
     results = {}
     for v in version:
-        policy = FlowMatchingPolicy(load_model(store / "policy" / v), emb)
+        policy = load(Registry(store).open("policy", v), emb)  # resolved and verified as the service does
         gaps = []
         for a in range(0, frames, batch):
             idx = picks[a:a + batch]
