@@ -5,6 +5,9 @@ the next start), one config for every task (`--set` applies to all of them):
 
     .venv/bin/python bench/paper_table.py --tasks push,pick-place,peg-insert-side --out runs/table
 
+Tables run apart (other tasks or `--seeds`, one per core or machine) become one with
+`bench/merge_tables.py`.
+
 Per task, the same data and evaluation seeds for every method:
   collect     scripted expert + noise: successes and failures (`rise data collect`)
   imitation   flow-matching policy, null bin, all data                      (`rise train policy`)
@@ -51,6 +54,9 @@ METHODS = ("imitation", "recap", "recap-rollouts", "recap-rollouts-outcome", "re
 # Keys added to the run config after runs were made: their values for an older state.json.
 LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": [],
                  "rollout_episodes": 50}
+# What to run may grow on a resumed table (every stage is keyed by its own name, so finished ones
+# stay valid); every other config key shapes the stages and must match.
+WHAT_TO_RUN = ("methods", "offline_ratios", "curve_episodes", "guidance_scales")
 
 
 class State:
@@ -457,10 +463,7 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
     state = State(out / "state.json")
-    # What to run (methods, sweep ratios, curves) may grow on a resumed table: every stage is keyed
-    # by its own name, so finished ones stay valid. Everything else shapes the stages: it must match.
-    what_to_run = ("methods", "offline_ratios", "curve_episodes", "guidance_scales")
-    same = lambda c: {k: v for k, v in c.items() if k not in what_to_run}  # noqa: E731
+    same = lambda c: {k: v for k, v in c.items() if k not in WHAT_TO_RUN}  # noqa: E731
     if (before := state.done("config")) is not None and same({**LEGACY_CONFIG, **before}) != same(cfg):
         raise typer.BadParameter(f"{out} was started with another config ({before}); use a new --out")
     state.record("config", cfg)
