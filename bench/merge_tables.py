@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from paper_table import LEGACY_CONFIG, METHODS, WHAT_TO_RUN, State, write_table
+from paper_table import LEGACY_CONFIG, METHODS, State, stage_config, stage_key, write_table
 
 app = typer.Typer(add_completion=False)
 KEY = re.compile(r"^(?P<task>[^/]+)/(?:seed(?P<seed>\d+)/)?(?P<stage>[^/]+)$")
@@ -28,10 +28,9 @@ def merge_states(states: list[dict]) -> dict:
     """The inputs' `state.json` contents as one; raises ValueError on a config mismatch or a stage
     two inputs both hold."""
     configs = [{**LEGACY_CONFIG, **s["config"]} for s in states]
-    shaping = lambda c: {k: v for k, v in c.items() if k not in (*WHAT_TO_RUN, "seeds")}  # noqa: E731
-    for config in configs[1:]:
-        if (diff := sorted(k for k in shaping(config).keys() | shaping(configs[0]).keys()
-                           if config.get(k) != configs[0].get(k))):
+    for config in configs[1:]:  # every key that shapes the stages but the seeds, which are what differs
+        if (diff := sorted(k for k in stage_config(config).keys() | stage_config(configs[0]).keys()
+                           if k != "seeds" and config.get(k) != configs[0].get(k))):
             raise ValueError(f"the tables were run with other configs: {', '.join(diff)} differ "
                              f"({ {k: configs[0].get(k) for k in diff} } vs { {k: config.get(k) for k in diff} })")
     seeds = list(dict.fromkeys(seed for c in configs for seed in c["seeds"]))
@@ -53,7 +52,7 @@ def merge_states(states: list[dict]) -> dict:
             if stage == "collect":  # one dataset per task, whatever the seed
                 merged.setdefault(f"{task}/collect", value)
                 continue
-            target = f"{task}/{stage}" if seed == seeds[0] else f"{task}/seed{seed}/{stage}"
+            target = stage_key(task, seed, seeds, stage)
             if target in merged:
                 raise ValueError(f"two tables hold {target} (seed {seed}): merge tables of other seeds or tasks")
             merged[target] = value

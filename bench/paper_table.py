@@ -59,6 +59,17 @@ LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guida
 WHAT_TO_RUN = ("methods", "offline_ratios", "curve_episodes", "guidance_scales")
 
 
+def stage_config(cfg: dict) -> dict:
+    """The config keys that shape the stages (an older state.json's filled in): they must match."""
+    return {k: v for k, v in {**LEGACY_CONFIG, **cfg}.items() if k not in WHAT_TO_RUN}
+
+
+def stage_key(task: str, seed: int, seeds: list[int], stage: str) -> str:
+    """A stage's key in state.json. The first seed keeps the plain layout (`<task>/<stage>`), so runs
+    made before seeds existed resume; the others' stages sit under `<task>/seed<N>/`."""
+    return f"{task}/{stage}" if seed == seeds[0] else f"{task}/seed{seed}/{stage}"
+
+
 class State:
     """`state.json`: finished stages and their results, written after each stage."""
 
@@ -109,12 +120,10 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
     from services.value.model import load_model_config as load_value_config
     from services.value.train import train as train_value
 
-    # The first seed keeps the plain layout (`<task>/...`): runs made before seeds existed resume.
-    first = seed == cfg["seeds"][0]
-    folder = out / task if first else out / task / f"seed{seed}"
+    folder = out / stage_key(task, seed, cfg["seeds"], "")  # (the same layout as the stages' keys)
     registry = Registry(folder / "store")
     emb = PRESETS["metaworld"]
-    key = lambda stage: f"{task}/{stage}" if first else f"{task}/seed{seed}/{stage}"  # noqa: E731
+    key = lambda stage: stage_key(task, seed, cfg["seeds"], stage)  # noqa: E731
 
     def stage(name: str, fn) -> dict:
         if (done := state.done(key(name))) is not None:
@@ -336,7 +345,7 @@ def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
     methods += ["rise-oracle"] if "rise-oracle" in cfg["methods"] else []
     methods += [guided(m, g) for g in cfg.get("guidance_scales", []) for m in methods if m != "imitation"]
     seeds = cfg["seeds"]
-    key = lambda task, seed, stage: f"{task}/{stage}" if seed == seeds[0] else f"{task}/seed{seed}/{stage}"  # noqa: E731
+    key = lambda task, seed, stage: stage_key(task, seed, seeds, stage)  # noqa: E731
     lines = ["| task | " + " | ".join(methods) + " | value: success > failure (held-out) |",
              "| --- | " + " | ".join("---" for _ in methods) + " | --- |"]
     rows = {}
@@ -463,8 +472,7 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
     state = State(out / "state.json")
-    same = lambda c: {k: v for k, v in c.items() if k not in WHAT_TO_RUN}  # noqa: E731
-    if (before := state.done("config")) is not None and same({**LEGACY_CONFIG, **before}) != same(cfg):
+    if (before := state.done("config")) is not None and stage_config(before) != stage_config(cfg):
         raise typer.BadParameter(f"{out} was started with another config ({before}); use a new --out")
     state.record("config", cfg)
     task_list = tasks.split(",")
