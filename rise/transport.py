@@ -49,9 +49,12 @@ DEFAULT_PORTS = {"grpc": 50051, "triton": 8001}
 _ERRORS: dict[str, type[RiseError]] = {cls.__name__: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, CorruptVersion)}
 _NUMBERED = re.compile(r"^v?(\d+)$")
 # Failures worth a retry: the service is restarting, overloaded or slow (a Triton server that
-# refuses connections reports UNAVAILABLE too).
+# refuses connections reports UNAVAILABLE too). CANCELLED as a status comes from the other side: a
+# server that stops cancels the calls it had not yet handed to a handler (grpc/grpc#41785); a call
+# this process cancels itself raises asyncio.CancelledError instead, which is never retried.
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.CANCELLED})
 
 # Calls that may run twice, on any replica, without harm: pure functions of the request (the model
 # version is resolved per call). Only these are retried by the channel (on another replica) and by

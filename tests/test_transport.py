@@ -237,3 +237,64 @@ async def test_retries_give_up_after_the_last_attempt():
             await call_with_retries(lambda: policy.act(*observations(1), [0]), attempts=2, backoff_s=0.01, max_backoff_s=0.01,
                                     what="triton", log=lines.append)
     assert is_transient(err.value) and len(lines) == 3
+
+
+
+async def test_calls_a_stopping_server_never_accepted_come_back_cancelled_and_are_retried():
+    """grpc/grpc#41785: calls that wait, not yet accepted by a handler, when a server stops come back
+    CANCELLED, not UNAVAILABLE (CI once lost a trainer run to it while a dynamics service restarted).
+    They are retried like UNAVAILABLE. Our own cancellation is no RPC status at all:
+    asyncio.CancelledError, never retried."""
+    import threading
+    import time
+
+    from rise.transport import _from_grpc
+
+    server_loop = asyncio.new_event_loop()
+    threading.Thread(target=server_loop.run_forever, daemon=True).start()
+    started = threading.Event()
+
+    async def slow(request: bytes, context) -> bytes:
+        started.set()
+        time.sleep(0.5)  # holds the server's loop: calls arriving meanwhile wait unaccepted
+        return request
+
+    handler = grpc.method_handlers_generic_handler("test.Slow", {"Call": grpc.unary_unary_rpc_method_handler(slow)})
+
+    async def start():
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    def on_server_loop(coro):
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, server_loop))
+
+    try:
+        server, port = await on_server_loop(start())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Slow/Call")
+            first = asyncio.ensure_future(call(b"x", timeout=20))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(call(b"x", timeout=20)) for _ in range(8)]
+            await asyncio.sleep(0.1)
+            await on_server_loop(server.stop(0))
+            outcomes = await asyncio.gather(first, *waiting, return_exceptions=True)
+        failures = [_from_grpc(o) for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert any(f.code == grpc.StatusCode.CANCELLED for f in failures), outcomes
+        assert failures and all(is_transient(f) for f in failures), failures
+
+        server, port = await on_server_loop(start())
+        started.clear()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            mine = asyncio.ensure_future(channel.unary_unary("/test.Slow/Call")(b"x", timeout=20))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            mine.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await mine
+        await on_server_loop(server.stop(0))
+    finally:
+        server_loop.call_soon_threadsafe(server_loop.stop)
