@@ -367,8 +367,8 @@ def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
     (out / "table.md").write_text(table)
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(out / "success.png", tasks, methods, rows)
-    curves = {(task, m): c["points"] for task in tasks for m in methods
-              if (c := state.done(key(task, seeds[0], f"curve-{m}")))}
+    curves = {(task, m): pool_curves(done) for task in tasks for m in methods
+              if (done := [c["points"] for seed in seeds if (c := state.done(key(task, seed, f"curve-{m}")))])}
     if curves:
         _plot_curves(out / "curve.png", curves)
     return table
@@ -385,6 +385,16 @@ def pool(summaries: list[dict]) -> dict | None:
             "wilson95": list(wilson_interval(successes, episodes)), "seeds": len(summaries)}
 
 
+def pool_curves(curves: list[list[dict]]) -> list[dict]:
+    """Several seeds' success-vs-steps curves as one: the points at each learner step pooled (the
+    runs publish at the same steps; a step some seeds lack pools the ones that have it)."""
+    by_step: dict[float, list[dict]] = {}
+    for points in curves:
+        for point in points:
+            by_step.setdefault(point["learner_step"], []).append(point)
+    return [{"learner_step": step, **pool(points)} for step, points in sorted(by_step.items())]
+
+
 def _plot_curves(path: Path, curves: dict) -> None:
     import matplotlib
 
@@ -394,7 +404,9 @@ def _plot_curves(path: Path, curves: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (task, method), points in curves.items():
         steps = [p["learner_step"] for p in points]
-        ax.errorbar(steps, [p["success_rate"] for p in points], marker="o", capsize=3, label=f"{task} {method}",
+        seeds = max(p["seeds"] for p in points)
+        label = f"{task} {method}" + (f" ({seeds} seeds pooled)" if seeds > 1 else "")
+        ax.errorbar(steps, [p["success_rate"] for p in points], marker="o", capsize=3, label=label,
                     yerr=[[p["success_rate"] - p["wilson95"][0] for p in points],
                           [p["wilson95"][1] - p["success_rate"] for p in points]])
     ax.set_xlabel("RL learner steps (0: the RECAP policy it starts from)")

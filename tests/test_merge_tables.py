@@ -70,3 +70,18 @@ def test_another_config_is_refused_with_the_keys_that_differ():
     other["config"] = {**other["config"], "policy_steps": 3000}
     with pytest.raises(ValueError, match="policy_steps differ"):
         merge_states([push, other])
+
+
+def test_curves_of_the_seeds_pool_step_by_step():
+    from paper_table import pool_curves  # (merge_tables put bench on the path for its own import)
+
+    merged = _state("paper_table_push_rise_seeds.json")
+    curves = [merged[k]["points"] for k in ("push/curve-rise", "push/seed1/curve-rise", "push/seed2/curve-rise")]
+    pooled = pool_curves(curves)
+    assert [p["learner_step"] for p in pooled] == [p["learner_step"] for p in curves[0]]
+    for i, point in enumerate(pooled):
+        assert point["successes"] == sum(c[i]["successes"] for c in curves)
+        assert (point["episodes"], point["seeds"]) == (60, 3)
+    # a step one seed lacks pools the others
+    partial = pool_curves([curves[0], curves[1][:-1]])
+    assert (partial[-1]["episodes"], partial[-1]["seeds"]) == (20, 1) and partial[0]["episodes"] == 40
