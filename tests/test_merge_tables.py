@@ -11,6 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 from merge_tables import merge_states  # noqa: E402
+from paper_table import pool_curves  # noqa: E402
 
 sys.path.remove(str(BENCH))
 
@@ -73,8 +74,6 @@ def test_another_config_is_refused_with_the_keys_that_differ():
 
 
 def test_curves_of_the_seeds_pool_step_by_step():
-    from paper_table import pool_curves  # (merge_tables put bench on the path for its own import)
-
     merged = _state("paper_table_push_rise_seeds.json")
     curves = [merged[k]["points"] for k in ("push/curve-rise", "push/seed1/curve-rise", "push/seed2/curve-rise")]
     pooled = pool_curves(curves)

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import re
 import socket
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -21,8 +23,8 @@ from rise.baselines import publish_baseline
 from rise.errors import FailedPrecondition, InvalidArgument, NotFound
 from rise.registry import Registry
 from rise.serving import ServerConfig
-from rise.transport import (Chunks, RemoteError, Scores, call_with_retries, connect_admin, connect_policy, connect_value,
-                            is_transient)
+from rise.transport import (Chunks, RemoteError, Scores, _from_grpc, call_with_retries, connect_admin, connect_policy,
+                            connect_value, is_transient)
 from services.policy import server as policy_service
 from services.value import server as value_service
 
@@ -239,17 +241,11 @@ async def test_retries_give_up_after_the_last_attempt():
     assert is_transient(err.value) and len(lines) == 3
 
 
-
 async def test_calls_a_stopping_server_never_accepted_come_back_cancelled_and_are_retried():
     """grpc/grpc#41785: calls that wait, not yet accepted by a handler, when a server stops come back
     CANCELLED, not UNAVAILABLE (CI once lost a trainer run to it while a dynamics service restarted).
     They are retried like UNAVAILABLE. Our own cancellation is no RPC status at all:
     asyncio.CancelledError, never retried."""
-    import threading
-    import time
-
-    from rise.transport import _from_grpc
-
     server_loop = asyncio.new_event_loop()
     threading.Thread(target=server_loop.run_forever, daemon=True).start()
     started = threading.Event()
