@@ -51,6 +51,8 @@ import typer
 app = typer.Typer(add_completion=False)
 METHODS = ("imitation", "recap", "recap-rollouts", "recap-rollouts-outcome", "recap-continued", "rise",
            "rise-oracle")
+# The evaluations whose rollouts are written as LeRobot datasets.
+RECORDED_EVALS = ("imitation", "recap")
 # Keys added to the run config after runs were made: their values for an older state.json.
 LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": [],
                  "rollout_episodes": 50}
@@ -215,10 +217,13 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
     try:
         results = {}
         for method in versions:
-            record = folder / f"eval-{method}"  # the rollouts as a dataset: held-out data for the value model
+            # Imitation's and RECAP's rollouts are kept as datasets (held-out data for `value-ranking` and
+            # `bench/guidance_gap.py`); nothing reads the others', and recording triples an evaluation's time.
+            record = folder / f"eval-{method}"
             results[method] = stage(f"eval-{method}", lambda: evaluate(
                 server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
-                advantage_bin=0 if method == "imitation" else 10, record=_fresh(record), progress=True).summary())
+                advantage_bin=0 if method == "imitation" else 10,
+                record=_fresh(record) if method in RECORDED_EVALS else None, progress=True).summary())
         for scale in cfg["guidance_scales"]:  # the same versions and layouts, prompted harder
             for method in [m for m in versions if m != "imitation"]:
                 results[guided(method, scale)] = stage(f"eval-{guided(method, scale)}", lambda: evaluate(
