@@ -29,3 +29,7 @@ ls -la $OUT
 #     train --cache .gpu/$t.npz.xz --steps 15000 --threads 6 --compile --deadline-s 210 --out /tmp/$t) & done; wait
 # pick-place finished (15,000), peg-insert-side stopped at 14,750; its last 250 steps ran on the CPU
 # in the table's `dynamics` stage (--resume). Logs of both calls beside this script.
+# 2026-11-28, on one H200 (DEADLINE=540, timeout_s 595, `.whl` and `.gpu` carried; the tracked GIFs under
+# bench/dynamics_offset_data were moved aside for the call, or the tree was over the 64 MiB that travels):
+# both reached all 15,000 steps in one call (510 s each; 30.8 / 31.1 ms per transformer step side by side,
+# compiled). Logs: <task>-h200-2026-11-28.log.
