@@ -368,7 +368,7 @@ def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
         ranking = value.get("success_vs_failure") if value else None
         cells.append(f"{ranking:.2f}" if isinstance(ranking, float) else "—")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n" + paired_table(tasks, methods, state, key, seeds)
     (out / "table.md").write_text(table)
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(out / "success.png", tasks, methods, rows)
@@ -377,6 +377,34 @@ def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
     if curves:
         _plot_curves(out / "curve.png", curves)
     return table
+
+
+def paired_table(tasks: list[str], methods: list[str], state: State, key, seeds: list[int]) -> str:
+    """Every method after RECAP against RECAP on the same layouts (per training seed and episode seed):
+    the layouts only RECAP solved, only the method solved, and the exact sign test's p. A few episodes
+    of 50 apart is noise; a paired split says whether one policy solves layouts the other does not."""
+    from rise.sim.stats import sign_test
+
+    against = [m for m in methods if m not in ("imitation", "recap")]
+    if "recap" not in methods or not against:
+        return ""
+    lines = ["", "Paired with RECAP on the same layouts: RECAP only / method only (exact sign test p)", "",
+             "| task | " + " | ".join(against) + " |", "| --- | " + " | ".join("---" for _ in against) + " |"]
+    for task in tasks:
+        cells = []
+        for method in against:
+            only_recap = only_method = 0
+            pairs = [(r, m) for seed in seeds if (r := state.done(key(task, seed, "eval-recap")))
+                     and (m := state.done(key(task, seed, f"eval-{method}")))]
+            for recap_eval, method_eval in pairs:
+                recap_by_seed = {e["seed"]: e["success"] for e in recap_eval["per_episode"]}
+                for episode in method_eval["per_episode"]:
+                    if episode["seed"] in recap_by_seed and recap_by_seed[episode["seed"]] != episode["success"]:
+                        only_method += episode["success"]
+                        only_recap += not episode["success"]
+            cells.append(f"{only_recap} / {only_method} (p {sign_test(only_recap, only_method):.2f})" if pairs else "—")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def pool(summaries: list[dict]) -> dict | None:

@@ -18,7 +18,7 @@ from rise.registry import Registry
 from rise.serving import ServerConfig
 from rise.sim.evaluate import EVAL_SEED_BASE, eval_seed, evaluate
 from rise.sim.metaworld_sim import MetaWorldSim, expert_policy, task_text
-from rise.sim.stats import wilson_interval
+from rise.sim.stats import sign_test, wilson_interval
 from rise.tensors import from_tensor, to_tensor
 from services.policy.server import PolicyConfig, start
 
@@ -53,6 +53,16 @@ def test_wilson_interval_reference_values():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_sign_test_reference_values():
+    # References: scipy.stats.binomtest(min(b, c), b + c).pvalue (two-sided).
+    assert sign_test(13, 4) == pytest.approx(0.049042, abs=1e-6)
+    assert sign_test(4, 13) == sign_test(13, 4)
+    assert sign_test(10, 0) == pytest.approx(0.001953, abs=1e-6)
+    assert sign_test(6, 7) == sign_test(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        sign_test(-1, 3)
 
 
 def test_eval_seeds_are_held_out():

@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 from merge_tables import merge_states  # noqa: E402
-from paper_table import pool_curves  # noqa: E402
+from paper_table import State, paired_table, pool_curves, stage_key  # noqa: E402
 
 sys.path.remove(str(BENCH))
 
@@ -84,3 +84,16 @@ def test_curves_of_the_seeds_pool_step_by_step():
     # a step one seed lacks pools the others
     partial = pool_curves([curves[0], curves[1][:-1]])
     assert (partial[-1]["episodes"], partial[-1]["seeds"]) == (20, 1) and partial[0]["episodes"] == 40
+
+
+def test_the_paired_table_splits_the_layouts_the_seeds_solved_differently(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text((BENCH / "paper_table_push_rise_seeds.json").read_text())
+    state = State(path)
+    seeds = [0, 1, 2]
+    table = paired_table(["push"], ["imitation", "recap", "rise", "rise-offline90"], state,
+                         lambda task, seed, stage: stage_key(task, seed, seeds, stage), seeds)
+    # the last session's count by hand: RECAP alone 13 layouts, RISE alone 4 of 150; offline 0.9 (seeds 1, 2) 6 vs 7
+    assert "| push | 13 / 4 (p 0.05) | 6 / 7 (p 1.00) |" in table
+    # without RECAP there is nothing to pair with
+    assert paired_table(["push"], ["imitation", "rise"], state, lambda *a: "", seeds) == ""

@@ -34,3 +34,18 @@ def format_rate(successes: int, trials: int) -> str:
     lo, hi = wilson_interval(successes, trials)
     rate = successes / trials if trials else float("nan")
     return f"{rate:.0%} [{lo * 100:.0f}, {hi * 100:.0f}] ({successes}/{trials})"
+
+
+def sign_test(only_a: int, only_b: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) for two policies run on the same layouts.
+
+    Only the discordant layouts count: `only_a` where A alone succeeded, `only_b` where B alone
+    did. Under "neither is better" each is a fair coin flip, so p is the probability of a split at
+    least this uneven. Why not compare two Wilson intervals: paired layouts remove the layouts'
+    own difficulty, which dominates a 50-episode rate.
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"counts must be >= 0, got {only_a} and {only_b}")
+    n, k = only_a + only_b, min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
