@@ -35,7 +35,8 @@ Per task, the same data and evaluation seeds for every method:
 `--seeds 0,1,2` repeats every training stage per seed (the data and evaluation layouts stay the
 same); cells then pool the seeds' episodes and list each seed's rate.
 
-Writes `<out>/table.md`, `<out>/table.json`, `<out>/success.png` and (with curves) `<out>/curve.png`.
+Writes `<out>/table.md` (the success table, then every later method paired with RECAP on the same
+layouts, with an exact sign test), `<out>/table.json`, `<out>/success.png` and (with curves) `<out>/curve.png`.
 """
 
 from __future__ import annotations
