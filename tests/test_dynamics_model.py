@@ -361,6 +361,8 @@ print(json.dumps({"losses": losses, "entry": entry, "grad_max_diff": float((grad
 """
 
 
+# torch.compile on a 2-core CPU ran past the suite's 300 s with two benchmark lanes beside it (fresh-clone CI, 2026-11-28).
+@pytest.mark.timeout(900)
 def test_compiled_loss_matches_eager_and_a_compiled_run_publishes(dataset, tmp_path):
     """`rise train dynamics --compile`: the loss under torch.compile gives the eager loss and gradients
     for the same noise (drawn eagerly by flow_noise), and a run trained that way publishes."""
