@@ -186,7 +186,8 @@ def test_label_through_the_service_writes_readable_lerobot_columns(trained, serv
     assert np.array_equal(np.asarray(labelled[7][key]), np.asarray(source[7][key]))
     plots = sorted((tmp_path / "labelled" / "plots").glob("episode_*.png"))
     assert len(plots) == 5 and all(p.stat().st_size > 1000 for p in plots)
-    assert json.loads((tmp_path / "labelled" / "meta" / "rise_labels.json").read_text())["bins"] == 10
+    recorded = json.loads((tmp_path / "labelled" / "meta" / "rise_labels.json").read_text())
+    assert recorded["bins"] == 10 and recorded["advantage_from"] == "value"  # (the plots once overwrote the flag)
 
 
 def test_label_with_a_local_run_and_refuses_an_existing_output(trained, dataset, tmp_path):

@@ -223,8 +223,8 @@ def label(value: str, data: Path, out: Path, *, version: str = "", token: str = 
         (out / "plots").mkdir(exist_ok=True)
         for ep in range(episodes.num_episodes):
             a, n = int(episodes.episode_starts[ep]), int(episodes.episode_lengths[ep])
-            outcome = "success" if episodes.frame_success[a] else "failure"
-            title = f"episode {int(episode_ids[ep])} ({outcome}) - value {value_version}"
+            result = "success" if episodes.frame_success[a] else "failure"
+            title = f"episode {int(episode_ids[ep])} ({result}) - value {value_version}"
             plot_paths.append(str(plot_episode(out / "plots" / f"episode_{int(episode_ids[ep]):06d}.png",
                                                values[a:a + n], advantages[a:a + n], title)))
     counts = np.bincount(labels, minlength=bins + 1)[1:]
