@@ -248,13 +248,17 @@ def test_watchdog_holds_within_a_tick_when_the_policy_service_is_killed(store, t
     after = [r for r in log if r["kind"] == "command" and r["phase"] == "policy" and r["sent_ns"] > killed_ns]
     first_hold = next(r for r in after if r["mode"] == "hold")
     hold_event = next(r for r in log if r["kind"] == "event" and r["event"] == "hold" and r["t_ns"] > killed_ns)
-    assert "unreachable" in hold_event["reason"], hold_event
-    # The service's death is noticed at once (the stream ends) and the next tick holds.
+    holds = [r for r in after if r["mode"] == "hold"]
+    # The service's death is noticed at once (the stream ends) and the next tick holds. On a starved
+    # CPU the plan can run out a tick before the stream's thread reports the death: then the hold
+    # begins as "the chunk ran out" and its commands say "unreachable" a few ticks later.
+    assert "unreachable" in hold_event["reason"] or hold_event["reason"] == "the chunk ran out", hold_event
+    first_unreachable = next(h for h in holds if "unreachable" in h["reason"])
+    assert first_unreachable["due_ns"] - killed_ns <= 0.5e9, (first_unreachable["due_ns"] - killed_ns) / 1e6
     runs_after = [r for r in after if r["mode"] == "run"]
     assert len(runs_after) <= 1, runs_after
     assert first_hold["due_ns"] - killed_ns <= period + 30e6, (first_hold["due_ns"] - killed_ns) / 1e6
     # Holding = the same command again: nothing moves.
-    holds = [r for r in after if r["mode"] == "hold"]
     assert all(h["command"] == holds[0]["command"] for h in holds)
     # Then motion is disabled: halt after 1 s of holding, home, motors off.
     halt = next(r for r in log if r["kind"] == "event" and r["event"] == "halt")
