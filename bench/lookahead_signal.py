@@ -171,8 +171,8 @@ def plot(path: Path, depths: list[dict], mixed_success: float, mixed_groups: int
 
 
 def main(
-    store: Path = typer.Option(..., help="Registry with the RL start policy and the value model."),
-    data: Path = typer.Option(..., help="LeRobot dataset with recorded simulator states (the starts)."),
+    store: Path = typer.Option(None, help="Registry with the RL start policy and the value model (required to measure)."),
+    data: Path = typer.Option(None, help="LeRobot dataset with recorded simulator states, the starts (required to measure)."),
     task: str = typer.Option("push", help="The dataset's MetaWorld task."),
     policy: str = typer.Option("stable", help="Policy version or alias (the RL start policy)."),
     value: str = typer.Option("stable", help="Value version or alias."),
@@ -185,7 +185,12 @@ def main(
                                       "(shared by the group): a chunk's success rate, not one draw."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(ROOT / "bench" / "lookahead_signal.json"),
+    from_saved: bool = typer.Option(False, help="Only rewrite --out's summary from its saved .npz (no simulator)."),
 ) -> None:
+    if from_saved:
+        return resummarize(out)
+    if store is None or data is None:
+        raise typer.BadParameter("--store and --data are required to measure (only --from-saved works without them)")
     from rise.baselines import publish_oracle_dynamics
     from rise.embodiment import PRESETS
     from rise.registry import Registry
@@ -213,6 +218,29 @@ def main(
         services.stop()
     np.savez_compressed(out.with_suffix(".npz"), success=success, value_current=rows["value_current"],
                         value_imagined=rows["value_imagined"], actions=rows["actions"], sim_state=rows["sim_state"])
+    outcome_summary, depths = summarize(rows, success, group, frames_per_chunk, lookahead, seed)
+    result = {
+        "machine": info, "store": str(store), "data": str(data), "task": task,
+        "versions": {"policy": policy_v, "value": value_v, "oracle_dynamics": oracle},
+        "starts": starts, "group": group, "lookahead": lookahead, "continuations": continuations, "max_steps": max_steps, "seed": seed,
+        "wall_s": {"imagine": round(imagined_s, 1), "total": round(time.perf_counter() - started, 1)},
+        "outcomes": outcome_summary,
+        "by_depth": depths,
+    }
+    write(out, result)
+
+
+def write(out: Path, result: dict) -> None:
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    outcomes_ = result["outcomes"]
+    plot(out.with_suffix(".png"), result["by_depth"], outcomes_["success_rate_in_mixed_groups"] or 0.0, outcomes_["groups_mixed"])
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+def summarize(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int, lookahead: int,
+              seed: int) -> tuple[dict, list[dict]]:
+    """The saved rows and outcomes (success [K, rows]) -> the outcome summary and the per-depth table."""
+    continuations = len(success)
     rate = success.mean(axis=0).reshape(-1, group)  # each chunk's success rate over the continuations
     mixed = rate.std(axis=1) > 0
     # Does the first chunk matter? The spread of success between a start's chunks, against what K
@@ -220,22 +248,46 @@ def main(
     within = float(rate.var(axis=1, ddof=1).mean())
     pooled = rate.mean(axis=1, keepdims=True)
     noise_only = float((pooled * (1 - pooled) / continuations).mean()) if continuations > 1 else float("nan")
-    depths = by_depth(rows, success, group, frames_per_chunk, lookahead)
-    result = {
-        "machine": info, "store": str(store), "data": str(data), "task": task,
-        "versions": {"policy": policy_v, "value": value_v, "oracle_dynamics": oracle},
-        "starts": starts, "group": group, "lookahead": lookahead, "continuations": continuations, "max_steps": max_steps, "seed": seed,
-        "wall_s": {"imagine": round(imagined_s, 1), "total": round(time.perf_counter() - started, 1)},
-        "outcomes": {"success_rate": round(float(success.mean()), 3), "groups_all_success": int((rate == 1).all(axis=1).sum()),
-                     "groups_all_failure": int((rate == 0).all(axis=1).sum()), "groups_mixed": int(mixed.sum()),
-                     "success_rate_in_mixed_groups": round(float(rate[mixed].mean()), 3) if mixed.any() else None,
-                     "success_variance_between_a_starts_chunks": round(within, 4),
-                     "same_if_the_chunk_did_not_matter": round(noise_only, 4)},
-        "by_depth": depths,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(out.with_suffix(".png"), depths, result["outcomes"]["success_rate_in_mixed_groups"] or 0.0, int(mixed.sum()))
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    summary = {"success_rate": round(float(success.mean()), 3), "groups_all_success": int((rate == 1).all(axis=1).sum()),
+               "groups_all_failure": int((rate == 0).all(axis=1).sum()), "groups_mixed": int(mixed.sum()),
+               "success_rate_in_mixed_groups": round(float(rate[mixed].mean()), 3) if mixed.any() else None,
+               "success_variance_between_a_starts_chunks": round(within, 4),
+               "same_if_the_chunk_did_not_matter": round(noise_only, 4)}
+    if continuations > 1:
+        summary["chunk_effect_permutation"] = chunk_effect_test(success, group, seed=seed)
+    return summary, by_depth(rows, success, group, frames_per_chunk, lookahead)
+
+
+def chunk_effect_test(success: np.ndarray, group: int, permutations: int = 20000, seed: int = 0) -> dict:
+    """Exact-in-distribution test of "a start's first chunk changes its success": the statistic is the
+    mean (over starts) variance of the chunks' success rates; under "the chunk does not matter" the
+    chunks of a start are exchangeable within each continuation k (the k-th runs share their policy
+    noise, so the shuffle keeps that pairing), so shuffling outcomes across a start's chunks within each
+    k gives the statistic's null distribution. Returns the observed value, the null's mean and p."""
+    runs = success.reshape(len(success), -1, group).astype(float)  # [K, starts, chunks]
+
+    def statistic(x: np.ndarray) -> np.ndarray:  # x [..., K, starts, chunks]
+        return x.mean(axis=-3).var(axis=-1, ddof=1).mean(axis=-1)
+
+    rng = np.random.default_rng(seed)
+    observed = float(statistic(runs))
+    null = np.array([statistic(rng.permuted(runs, axis=2)) for _ in range(permutations)])
+    return {"statistic": "mean over starts of the variance of its chunks' success rates",
+            "observed": round(observed, 5), "null_mean": round(float(null.mean()), 5),
+            "excess_over_null": round(observed - float(null.mean()), 5),
+            "p_chunk_does_not_matter": round(float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)), 4),
+            "permutations": permutations}
+
+
+def resummarize(out: Path) -> None:
+    """Rewrite out's summary from its saved .npz (the measurement itself is not rerun)."""
+    result = json.loads(out.read_text())
+    saved = np.load(out.with_suffix(".npz"))
+    rows = {k: saved[k] for k in ("value_current", "value_imagined", "actions", "sim_state")}
+    frames_per_chunk = rows["value_imagined"].shape[1] // (result["lookahead"] + 1)
+    result["outcomes"], result["by_depth"] = summarize(rows, saved["success"], result["group"], frames_per_chunk,
+                                                       result["lookahead"], result["seed"])
+    write(out, result)
 
 
 if __name__ == "__main__":
