@@ -186,6 +186,8 @@ def main(
     seed: int = typer.Option(0),
     out: Path = typer.Option(ROOT / "bench" / "lookahead_signal.json"),
     from_saved: bool = typer.Option(False, help="Only rewrite --out's summary from its saved .npz (no simulator)."),
+    outcomes_from: Path = typer.Option(None, help="An earlier run's .npz with the same starts and chunks (same store "
+                                       "policy, seed): reuse its simulator outcomes, e.g. to compare value models."),
 ) -> None:
     if from_saved:
         return resummarize(out)
@@ -212,8 +214,12 @@ def main(
         rows = asyncio.run(imagined_gains(services.urls, registry, data, policy_v, value_v, oracle, starts, group,
                                           lookahead, workers, seed))
         imagined_s = time.perf_counter() - started
-        success = np.stack([asyncio.run(outcomes(services.urls["policy"], task, rows, policy_v, group, max_steps,
-                                                 seed * 100 + k)) for k in range(continuations)])
+        if outcomes_from is not None:
+            success = reused_outcomes(outcomes_from, rows)
+            continuations = len(success)
+        else:
+            success = np.stack([asyncio.run(outcomes(services.urls["policy"], task, rows, policy_v, group, max_steps,
+                                                     seed * 100 + k)) for k in range(continuations)])
     finally:
         services.stop()
     np.savez_compressed(out.with_suffix(".npz"), success=success, value_current=rows["value_current"],
@@ -223,6 +229,7 @@ def main(
         "machine": info, "store": str(store), "data": str(data), "task": task,
         "versions": {"policy": policy_v, "value": value_v, "oracle_dynamics": oracle},
         "starts": starts, "group": group, "lookahead": lookahead, "continuations": continuations, "max_steps": max_steps, "seed": seed,
+        "outcomes_from": str(outcomes_from) if outcomes_from else None,
         "wall_s": {"imagine": round(imagined_s, 1), "total": round(time.perf_counter() - started, 1)},
         "outcomes": outcome_summary,
         "by_depth": depths,
@@ -277,6 +284,17 @@ def chunk_effect_test(success: np.ndarray, group: int, permutations: int = 20000
             "excess_over_null": round(observed - float(null.mean()), 5),
             "p_chunk_does_not_matter": round(float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)), 4),
             "permutations": permutations}
+
+
+def reused_outcomes(npz: Path, rows: dict) -> np.ndarray:
+    """The simulator outcomes of an earlier run, only if it measured the very same chunks from the
+    very same starts (the value model may differ: it does not change what the policy proposes)."""
+    saved = np.load(npz)
+    for key in ("sim_state", "actions"):
+        if saved[key].shape != rows[key].shape or not np.array_equal(saved[key], rows[key]):
+            raise SystemExit(f"{npz}: its {key} differ from this run's, so its outcomes are not these chunks' "
+                             "(use the same store policy, --starts, --group, --workers and --seed)")
+    return saved["success"]
 
 
 def resummarize(out: Path) -> None:
