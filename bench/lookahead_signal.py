@@ -122,6 +122,22 @@ async def outcomes(url: str, task: str, rows: dict, policy: str, group: int, max
     return success
 
 
+def ranking_p(adv: np.ndarray, relative_outcome: np.ndarray, group: int, permutations: int = 20000,
+              seed: int = 0) -> float:
+    """One-sided p of "the advantages rank a start's chunks no better than chance": their Pearson r
+    with the group-relative outcomes against r after shuffling the advantages among each start's chunks."""
+    rng = np.random.default_rng(seed)
+    adv = adv.reshape(-1, group)
+    y = relative_outcome - relative_outcome.mean()
+    observed = pearson(adv.reshape(-1), relative_outcome)
+    if np.isnan(observed):
+        return float("nan")
+    shuffled = np.stack([rng.permuted(adv, axis=1).reshape(-1) for _ in range(permutations)])
+    shuffled = shuffled - shuffled.mean(axis=1, keepdims=True)
+    null = shuffled @ y / (np.linalg.norm(shuffled, axis=1) * np.linalg.norm(y))
+    return float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations))
+
+
 def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int, lookahead: int) -> list[dict]:
     """Per depth d: what the trainer's advantage with lookahead d says, against the outcomes
     (success [K, rows]: each chunk's success over K continuations)."""
@@ -142,6 +158,7 @@ def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int,
             "gain_std_within_start": round(float(gain.std(axis=1).mean()), 4),
             "gain_std_between_starts": round(float(gain.mean(axis=1).std()), 4),
             "pearson_advantage_vs_outcome": round(pearson(adv, relative_outcome), 3),
+            "p_advantage_ranks_no_better_than_chance": round(ranking_p(adv, relative_outcome, group), 4),
             "pearson_absolute_gain_vs_success": round(pearson(gain.reshape(-1), outcome.reshape(-1)), 3),
             "success_of_best_ranked_chunk_in_mixed_groups": round(pick(best), 3),
             "success_of_worst_ranked_chunk_in_mixed_groups": round(pick(worst), 3),
