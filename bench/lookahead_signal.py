@@ -158,7 +158,7 @@ def by_depth(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int,
             "gain_std_within_start": round(float(gain.std(axis=1).mean()), 4),
             "gain_std_between_starts": round(float(gain.mean(axis=1).std()), 4),
             "pearson_advantage_vs_outcome": round(pearson(adv, relative_outcome), 3),
-            "p_advantage_ranks_no_better_than_chance": round(ranking_p(adv, relative_outcome, group), 4),
+            "p_advantage_ranks_no_better_than_chance": round(ranking_p(adv, relative_outcome, group), 5),
             "pearson_absolute_gain_vs_success": round(pearson(gain.reshape(-1), outcome.reshape(-1)), 3),
             "success_of_best_ranked_chunk_in_mixed_groups": round(pick(best), 3),
             "success_of_worst_ranked_chunk_in_mixed_groups": round(pick(worst), 3),
@@ -203,11 +203,14 @@ def main(
     seed: int = typer.Option(0),
     out: Path = typer.Option(ROOT / "bench" / "lookahead_signal.json"),
     from_saved: bool = typer.Option(False, help="Only rewrite --out's summary from its saved .npz (no simulator)."),
+    compare: list[Path] = typer.Option([], help="Saved results (.json, repeat) to draw side by side into --out (.png)."),
     outcomes_from: Path = typer.Option(None, help="An earlier run's .npz with the same starts and chunks (same store "
                                        "policy, seed): reuse its simulator outcomes, e.g. to compare value models."),
 ) -> None:
     if from_saved:
         return resummarize(out)
+    if compare:
+        return plot_compare([json.loads(p.read_text()) for p in compare], out)
     if store is None or data is None:
         raise typer.BadParameter("--store and --data are required to measure (only --from-saved works without them)")
     from rise.baselines import publish_oracle_dynamics
@@ -299,8 +302,40 @@ def chunk_effect_test(success: np.ndarray, group: int, permutations: int = 20000
     return {"statistic": "mean over starts of the variance of its chunks' success rates",
             "observed": round(observed, 5), "null_mean": round(float(null.mean()), 5),
             "excess_over_null": round(observed - float(null.mean()), 5),
-            "p_chunk_does_not_matter": round(float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)), 4),
+            "p_chunk_does_not_matter": round(float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)), 5),
             "permutations": permutations}
+
+
+def plot_compare(results: list[dict], path: Path) -> None:
+    """Several runs (tasks, value models) side by side: per depth, the success of the chunk ranked best
+    and worst, and the ranking's p; the title of each line says whether the chunk mattered at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, result in enumerate(results):
+        depths, o = result["by_depth"], result["outcomes"]
+        x = [d["ticks_seen"] for d in depths]
+        name = result["task"] + (f" (value {result['versions']['value']})" if result.get("outcomes_from") else "")
+        p_chunk = o.get("chunk_effect_permutation", {}).get("p_chunk_does_not_matter", float("nan"))
+        color = f"C{i}"
+        a.plot(x, [d["success_of_best_ranked_chunk_in_mixed_groups"] for d in depths], "o-", color=color,
+               label=f"{name}: best ranked ({o['groups_mixed']} open starts; p(chunk has no effect)={p_chunk:.2g})")
+        a.plot(x, [d["success_of_worst_ranked_chunk_in_mixed_groups"] for d in depths], "s--", color=color,
+               label=f"{name}: worst ranked")
+        b.plot(x, [d["p_advantage_ranks_no_better_than_chance"] for d in depths], "o-", color=color, label=name)
+    a.set(xlabel="imagined ticks before scoring", ylabel="success in the simulator",
+          title="starts whose chunks ended differently")
+    a.legend(fontsize=6)
+    b.axhline(0.05, color="grey", ls="--", lw=0.8)
+    b.set(xlabel="imagined ticks before scoring", ylabel="p (permutation)", yscale="log",
+          title="do the group advantages rank a start's chunks? (low: yes)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def reused_outcomes(npz: Path, rows: dict) -> np.ndarray:
