@@ -203,12 +203,16 @@ def main(
     seed: int = typer.Option(0),
     out: Path = typer.Option(ROOT / "bench" / "lookahead_signal.json"),
     from_saved: bool = typer.Option(False, help="Only rewrite --out's summary from its saved .npz (no simulator)."),
+    pool: list[Path] = typer.Option([], help="Saved results (.json with their .npz, repeat) of one task and setup on "
+                                    "other starts (--seed): pooled into one summary at --out."),
     compare: list[Path] = typer.Option([], help="Saved results (.json, repeat) to draw side by side into --out (.png)."),
     outcomes_from: Path = typer.Option(None, help="An earlier run's .npz with the same starts and chunks (same store "
                                        "policy, seed): reuse its simulator outcomes, e.g. to compare value models."),
 ) -> None:
     if from_saved:
         return resummarize(out)
+    if pool:
+        return pool_saved(pool, out)
     if compare:
         return plot_compare([json.loads(p.read_text()) for p in compare], out)
     if store is None or data is None:
@@ -347,6 +351,23 @@ def reused_outcomes(npz: Path, rows: dict) -> np.ndarray:
             raise SystemExit(f"{npz}: its {key} differ from this run's, so its outcomes are not these chunks' "
                              "(use the same store policy, --starts, --group, --workers and --seed)")
     return saved["success"]
+
+
+def pool_saved(paths: list[Path], out: Path) -> None:
+    """Runs of one task and setup on other starts -> one summary over all their rows (more starts: more power)."""
+    results = [json.loads(p.read_text()) for p in paths]
+    same = ("task", "versions", "group", "lookahead", "continuations", "max_steps")
+    if any(r[k] != results[0][k] for r in results for k in same):
+        raise SystemExit(f"only runs that agree on {same} can be pooled")
+    saved = [np.load(p.with_suffix(".npz")) for p in paths]
+    rows = {k: np.concatenate([z[k] for z in saved]) for k in ("value_current", "value_imagined", "actions", "sim_state")}
+    success = np.concatenate([z["success"] for z in saved], axis=1)
+    first = results[0]
+    frames_per_chunk = rows["value_imagined"].shape[1] // (first["lookahead"] + 1)
+    summary, depths = summarize(rows, success, first["group"], frames_per_chunk, first["lookahead"], seed=0)
+    write(out, {**{k: first[k] for k in ("task", "versions", *same[2:])}, "pooled_from": [str(p) for p in paths],
+                "starts": sum(r["starts"] for r in results), "seed": [r["seed"] for r in results],
+                "machine": [r["machine"] for r in results], "outcomes": summary, "by_depth": depths})
 
 
 def resummarize(out: Path) -> None:

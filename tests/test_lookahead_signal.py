@@ -10,7 +10,7 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-from lookahead_signal import chunk_effect_test, resummarize  # noqa: E402
+from lookahead_signal import chunk_effect_test, pool_saved, resummarize  # noqa: E402
 
 sys.path.remove(str(BENCH))
 
@@ -55,3 +55,15 @@ def test_the_push_measurement_resummarized_from_its_saved_rows(tmp_path):
         assert again["outcomes"][key] == recorded["outcomes"][key]
     assert again["outcomes"]["chunk_effect_permutation"] == recorded["outcomes"]["chunk_effect_permutation"]
     assert (tmp_path / "push.png").stat().st_size > 0
+
+
+def test_runs_on_other_starts_pool_into_one_summary(tmp_path):
+    for name in ("a", "b"):
+        for suffix in (".json", ".npz"):
+            shutil.copy(BENCH / f"lookahead_signal_push_k4{suffix}", tmp_path / f"{name}{suffix}")
+    pool_saved([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "pooled.json")
+    one, pooled = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "pooled.json").read_text())
+    assert pooled["starts"] == 2 * one["starts"]
+    for key in ("success_rate", "success_variance_between_a_starts_chunks"):  # the same rows twice: the same means
+        assert pooled["outcomes"][key] == one["outcomes"][key]
+    assert pooled["outcomes"]["groups_mixed"] == 2 * one["outcomes"]["groups_mixed"]
