@@ -322,7 +322,7 @@ def plot_compare(results: list[dict], path: Path) -> None:
     for i, result in enumerate(results):
         depths, o = result["by_depth"], result["outcomes"]
         x = [d["ticks_seen"] for d in depths]
-        name = result["task"] + (f" (value {result['versions']['value']})" if result.get("outcomes_from") else "")
+        name = f"{result['task']} (value {result['versions']['value']}, {result['starts']} starts)"
         p_chunk = o.get("chunk_effect_permutation", {}).get("p_chunk_does_not_matter", float("nan"))
         color = f"C{i}"
         a.plot(x, [d["success_of_best_ranked_chunk_in_mixed_groups"] for d in depths], "o-", color=color,
