@@ -14,14 +14,19 @@ world-model error is out of the picture), whether rankings at depth D predict th
     chunk) until success or the episode's 200 steps, K times with different noise
                                                          -> the chunk's success rate
 
-and reports per depth: within-start / between-start spread of the gains, the correlation of the
-group-relative advantage with the group-relative outcome, and the success of the chunk each depth
-ranks best vs worst in groups whose chunks did not all end alike.
+and reports whether the first chunk changes success at all (a permutation test that keeps the
+shared-noise pairing of the K runs), and per depth: within-start / between-start spread of the
+gains, the correlation of the group-relative advantage with the group-relative outcome and its
+permutation p, and the success of the chunk each depth ranks best vs worst in groups whose chunks
+did not all end alike.
 
     .venv/bin/python bench/lookahead_signal.py --store runs/table-push/push/store \
-        --data runs/table-push/push/data --task push --policy v0002 --value v0001
+        --data runs/table-push/push/data --task push --policy v0002 --value v0001 --continuations 4
 
 Writes bench/lookahead_signal.json, .png and .npz (the rows: starts, chunks, values, outcomes).
+Afterwards, without the simulator: --from-saved (summary again), --pool (runs on other starts as
+one), --compare (runs side by side in one plot); --outcomes-from reuses a run's outcomes to score
+the same chunks with another value model.
 """
 
 from __future__ import annotations
