@@ -221,7 +221,7 @@ def main(
     if compare:
         return plot_compare([json.loads(p.read_text()) for p in compare], out)
     if store is None or data is None:
-        raise typer.BadParameter("--store and --data are required to measure (only --from-saved works without them)")
+        raise typer.BadParameter("--store and --data are required to measure (--from-saved, --pool and --compare work without them)")
     from rise.baselines import publish_oracle_dynamics
     from rise.embodiment import PRESETS
     from rise.registry import Registry
@@ -279,8 +279,9 @@ def summarize(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int
     continuations = len(success)
     rate = success.mean(axis=0).reshape(-1, group)  # each chunk's success rate over the continuations
     mixed = rate.std(axis=1) > 0
-    # Does the first chunk matter? The spread of success between a start's chunks, against what K
-    # continuations per chunk would show if every chunk of the start were worth the same.
+    # Does the first chunk matter? The spread of success between a start's chunks, against the binomial
+    # spread of K independent runs per chunk. That figure overstates the no-effect level (a group's k-th
+    # runs share their noise and end alike more often): chunk_effect_permutation is the test.
     within = float(rate.var(axis=1, ddof=1).mean())
     pooled = rate.mean(axis=1, keepdims=True)
     noise_only = float((pooled * (1 - pooled) / continuations).mean()) if continuations > 1 else float("nan")
