@@ -362,7 +362,7 @@ def reused_outcomes(npz: Path, rows: dict) -> np.ndarray:
 def pool_saved(paths: list[Path], out: Path) -> None:
     """Runs of one task and setup on other starts -> one summary over all their rows (more starts: more power)."""
     results = [json.loads(p.read_text()) for p in paths]
-    same = ("task", "versions", "group", "lookahead", "continuations", "max_steps")
+    same = ("task", "store", "versions", "group", "lookahead", "continuations", "max_steps")  # (one policy and value)
     if any(r[k] != results[0][k] for r in results for k in same):
         raise SystemExit(f"only runs that agree on {same} can be pooled")
     saved = [np.load(p.with_suffix(".npz")) for p in paths]
@@ -371,7 +371,7 @@ def pool_saved(paths: list[Path], out: Path) -> None:
     first = results[0]
     frames_per_chunk = rows["value_imagined"].shape[1] // (first["lookahead"] + 1)
     summary, depths = summarize(rows, success, first["group"], frames_per_chunk, first["lookahead"], seed=0)
-    write(out, {**{k: first[k] for k in ("task", "versions", *same[2:])}, "pooled_from": [str(p) for p in paths],
+    write(out, {**{k: first[k] for k in same}, "pooled_from": [str(p) for p in paths],
                 "starts": sum(r["starts"] for r in results), "seed": [r["seed"] for r in results],
                 "machine": [r["machine"] for r in results], "outcomes": summary, "by_depth": depths})
 
