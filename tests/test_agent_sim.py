@@ -204,10 +204,14 @@ def test_sim_agent_runs_at_30hz_against_the_policy_service(server, tmp_path):
     assert summary["chunks_accepted"] >= 3 and summary["policy_versions"] == {"v0001": len(chunks)}
     assert summary["estop"] is None and summary["error"] is None and summary["halt_reason"] is None
     assert summary["observation_to_command_ms"]["n"] >= 3
-    # Latency consumed the first actions of each chunk; the executor dropped them by timestamp.
+    # Latency consumed the first actions of each chunk; the executor dropped them by timestamp. It
+    # counts the ticks the control loop has reached: a starved loop behind the clock (up to a tick
+    # late, or more, and then those ticks end up missed) drops fewer than the wall-clock latency, never more.
     accepted = [c for c in chunks if c["accepted"]]
     for c in accepted:
-        assert abs(c["dropped"] - (c["received_ns"] - c["obs_ns"]) / (1e9 / 30)) <= 1.5, c
+        latency_ticks = (c["received_ns"] - c["obs_ns"]) / (1e9 / 30)
+        behind = 1 + summary["missed_ticks"]
+        assert latency_ticks - behind - 1.5 <= c["dropped"] <= latency_ticks + 1.5, (c, summary["missed_ticks"])
     assert any(c["overlap"] > 0 for c in accepted)  # cross-faded into the chunk being executed
     # Camera pixels steered the grippers: target = 0.05 * mean red of the (red) head view.
     grippers = np.array([[r["command"][6], r["command"][13]] for r in run[-10:]])
