@@ -44,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, ServiceProcesses, machine, pearson  # noqa: E402
 
 
+ROW_KEYS = ("sim_state", "actions", "value_current", "value_imagined")  # one per proposed chunk, saved in the .npz
+
+
 async def imagined_gains(urls: dict, registry, data: Path, policy: str, value: str, oracle: str, starts: int,
                          group: int, lookahead: int, workers: int, seed: int) -> dict:
     """The trainer's rollout rounds (first chunks from real starts only) -> per row: the start's
@@ -60,7 +63,7 @@ async def imagined_gains(urls: dict, registry, data: Path, policy: str, value: s
                            policy_version=policy, dynamics_version=oracle, value_version=value)
     services = ServicesConfig(policy=urls["policy"], value=urls["value"], dynamics=urls["dynamics"], timeout_s=600)
     clients = await open_clients(services)
-    rows = {k: [] for k in ("sim_state", "actions", "value_current", "value_imagined")}
+    rows = {k: [] for k in ROW_KEYS}
     try:
         rollouts = Rollouts(config, services, clients, begin, "lookahead-signal", seed=seed, log=lambda *a: None)
         while len(rows["actions"]) < starts * group:
@@ -232,7 +235,6 @@ def main(
     oracles = [v for v in registry.versions("dynamics") if registry.manifest("dynamics", v).kind == ORACLE_KIND]
     oracle = oracles[-1] if oracles else publish_oracle_dynamics(registry, emb).version
     policy_v, value_v = registry.resolve("policy", policy), registry.resolve("value", value)
-    frames_per_chunk = emb.chunk_length // int(registry.manifest("dynamics", oracle).config.get("frame_stride", 1))
     info = machine()
     services = ServiceProcesses(store, ROOT / "runs" / "lookahead_signal_logs", extra={
         "policy": f"preload: []\npin: {{measured: {policy_v}}}", "value": f"preload: []\npin: {{measured: {value_v}}}",
@@ -251,9 +253,8 @@ def main(
                                                      seed * 100 + k)) for k in range(continuations)])
     finally:
         services.stop()
-    np.savez_compressed(out.with_suffix(".npz"), success=success, value_current=rows["value_current"],
-                        value_imagined=rows["value_imagined"], actions=rows["actions"], sim_state=rows["sim_state"])
-    outcome_summary, depths = summarize(rows, success, group, frames_per_chunk, lookahead, seed)
+    np.savez_compressed(out.with_suffix(".npz"), success=success, **rows)
+    outcome_summary, depths = summarize(rows, success, group, lookahead, seed)
     result = {
         "machine": info, "store": str(store), "data": str(data), "task": task,
         "versions": {"policy": policy_v, "value": value_v, "oracle_dynamics": oracle},
@@ -273,10 +274,10 @@ def write(out: Path, result: dict) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 
 
-def summarize(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int, lookahead: int,
-              seed: int) -> tuple[dict, list[dict]]:
+def summarize(rows: dict, success: np.ndarray, group: int, lookahead: int, seed: int) -> tuple[dict, list[dict]]:
     """The saved rows and outcomes (success [K, rows]) -> the outcome summary and the per-depth table."""
     continuations = len(success)
+    frames_per_chunk = rows["value_imagined"].shape[1] // (lookahead + 1)  # values of 1 + lookahead chunks' frames
     rate = success.mean(axis=0).reshape(-1, group)  # each chunk's success rate over the continuations
     mixed = rate.std(axis=1) > 0
     # Does the first chunk matter? The spread of success between a start's chunks, against the binomial
@@ -296,7 +297,7 @@ def summarize(rows: dict, success: np.ndarray, group: int, frames_per_chunk: int
 
 
 def chunk_effect_test(success: np.ndarray, group: int, permutations: int = 20000, seed: int = 0) -> dict:
-    """Exact-in-distribution test of "a start's first chunk changes its success": the statistic is the
+    """Permutation test of "a start's first chunk changes its success": the statistic is the
     mean (over starts) variance of the chunks' success rates; under "the chunk does not matter" the
     chunks of a start are exchangeable within each continuation k (the k-th runs share their policy
     noise, so the shuffle keeps that pairing), so shuffling outcomes across a start's chunks within each
@@ -318,7 +319,7 @@ def chunk_effect_test(success: np.ndarray, group: int, permutations: int = 20000
 
 def plot_compare(results: list[dict], path: Path) -> None:
     """Several runs (tasks, value models) side by side: per depth, the success of the chunk ranked best
-    and worst, and the ranking's p; the title of each line says whether the chunk mattered at all."""
+    and worst (the legend gives the chunk effect's p), and the ranking's p."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,12 +366,9 @@ def pool_saved(paths: list[Path], out: Path) -> None:
     same = ("task", "store", "versions", "group", "lookahead", "continuations", "max_steps")  # (one policy and value)
     if any(r[k] != results[0][k] for r in results for k in same):
         raise SystemExit(f"only runs that agree on {same} can be pooled")
-    saved = [np.load(p.with_suffix(".npz")) for p in paths]
-    rows = {k: np.concatenate([z[k] for z in saved]) for k in ("value_current", "value_imagined", "actions", "sim_state")}
-    success = np.concatenate([z["success"] for z in saved], axis=1)
+    rows, success = load_saved(paths)
     first = results[0]
-    frames_per_chunk = rows["value_imagined"].shape[1] // (first["lookahead"] + 1)
-    summary, depths = summarize(rows, success, first["group"], frames_per_chunk, first["lookahead"], seed=0)
+    summary, depths = summarize(rows, success, first["group"], first["lookahead"], seed=0)
     write(out, {**{k: first[k] for k in same}, "pooled_from": [str(p) for p in paths],
                 "starts": sum(r["starts"] for r in results), "seed": [r["seed"] for r in results],
                 "machine": [r["machine"] for r in results], "outcomes": summary, "by_depth": depths})
@@ -379,12 +377,16 @@ def pool_saved(paths: list[Path], out: Path) -> None:
 def resummarize(out: Path) -> None:
     """Rewrite out's summary from its saved .npz (the measurement itself is not rerun)."""
     result = json.loads(out.read_text())
-    saved = np.load(out.with_suffix(".npz"))
-    rows = {k: saved[k] for k in ("value_current", "value_imagined", "actions", "sim_state")}
-    frames_per_chunk = rows["value_imagined"].shape[1] // (result["lookahead"] + 1)
-    result["outcomes"], result["by_depth"] = summarize(rows, saved["success"], result["group"], frames_per_chunk,
-                                                       result["lookahead"], result["seed"])
+    rows, success = load_saved([out])
+    result["outcomes"], result["by_depth"] = summarize(rows, success, result["group"], result["lookahead"], result["seed"])
     write(out, result)
+
+
+def load_saved(paths: list[Path]) -> tuple[dict, np.ndarray]:
+    """Saved runs' rows (concatenated) and outcomes success [K, rows], from each .json's .npz."""
+    saved = [np.load(p.with_suffix(".npz")) for p in paths]
+    return ({k: np.concatenate([z[k] for z in saved]) for k in ROW_KEYS},
+            np.concatenate([z["success"] for z in saved], axis=1))
 
 
 if __name__ == "__main__":
