@@ -56,10 +56,10 @@ METHODS = ("imitation", "recap", "recap-rollouts", "recap-rollouts-outcome", "re
 RECORDED_EVALS = ("imitation", "recap")
 # Keys added to the run config after runs were made: their values for an older state.json.
 LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": [],
-                 "rollout_episodes": 50}
+                 "rollout_episodes": 50, "record_evals": True}
 # What to run may grow on a resumed table (every stage is keyed by its own name, so finished ones
 # stay valid); every other config key shapes the stages and must match.
-WHAT_TO_RUN = ("methods", "offline_ratios", "curve_episodes", "guidance_scales")
+WHAT_TO_RUN = ("methods", "offline_ratios", "curve_episodes", "guidance_scales", "record_evals")
 
 
 def stage_config(cfg: dict) -> dict:
@@ -225,7 +225,8 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             results[method] = stage(f"eval-{method}", lambda: evaluate(
                 server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
                 advantage_bin=0 if method == "imitation" else 10,
-                record=_fresh(record) if method in RECORDED_EVALS else None, progress=True).summary())
+                record=_fresh(record) if method in RECORDED_EVALS and cfg.get("record_evals", True) else None,
+                progress=True).summary())
         for scale in cfg["guidance_scales"]:  # the same versions and layouts, prompted harder
             for method in [m for m in versions if m != "imitation"]:
                 results[guided(method, scale)] = stage(f"eval-{guided(method, scale)}", lambda: evaluate(
@@ -245,6 +246,8 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             results[f"curve-{method}"] = stage(f"curve-{method}", curve)
     finally:
         server.close()
+    if not (folder / "eval-imitation").exists():  # (`--no-record-evals`: no held-out rollouts to rank)
+        return {"value": value["metrics"], **results}
     ranking = stage("value-ranking", lambda: value_ranking(Path(value["model"]), folder / "eval-imitation", emb))
     return {"value": value["metrics"], "value_ranking": ranking, **results}
 
@@ -506,6 +509,8 @@ def main(
     guidance_scales: str = typer.Option("", help="Also evaluate each advantage-conditioned policy with classifier-free "
                                                  "guidance at these scales, e.g. 2,3."),
     set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks)."),
+    record_evals: bool = typer.Option(True, help="Keep imitation's and RECAP's evaluation rollouts as LeRobot datasets "
+                                                  "(the value-ranking column reads them; about 4x slower evaluations)."),
 ) -> None:
     import torch
 
@@ -517,7 +522,7 @@ def main(
            "set": dict(s.split("=", 1) for s in set_),
            "offline_ratios": [float(r) for r in offline_ratios.split(",") if r],
            "seeds": [int(x) for x in seeds.split(",")], "curve_episodes": curve_episodes,
-           "guidance_scales": [float(g) for g in guidance_scales.split(",") if g]}
+           "guidance_scales": [float(g) for g in guidance_scales.split(",") if g], "record_evals": record_evals}
     unknown = set(cfg["methods"]) - set(METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")

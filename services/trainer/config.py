@@ -7,6 +7,7 @@ chained chunks, ten advantage bins with the best prompted); sizes are the laptop
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -91,6 +92,14 @@ class RolloutConfig(StrictModel):
     # 9/50 vs 10/50 without: off. 0 = the reference's one-chunk gain. Costs (1 + lookahead_chunks)
     # times the policy and dynamics calls per sample.
     lookahead_chunks: int = Field(0, ge=0)
+    # Which imagined chunks go to replay: "all" (each under the bin its advantage earned: the
+    # reference) or "best" (only each group's highest-advantage chunk, under `advantage_bin`: the
+    # group's pick distilled into the prompt, as in rejection sampling). Why: the trainer's group
+    # ranking is weak (bench/lookahead_signal.py: r 0.05-0.20 with the simulator's outcome at
+    # depth 0), so the bins "all" gives the other chunks are mostly noise, and training them
+    # blurs what the prompt means (RECAP -> RISE shrank the prompt's effect, bench/guidance_gap.py);
+    # "best" keeps only the decision the ranking is for. Pushes 1 / group_size of the chunks.
+    train_on: Literal["all", "best"] = "all"
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)
@@ -108,6 +117,8 @@ class RolloutConfig(StrictModel):
                                    or not all(1 <= b <= 10 for b in self.proposal_bins)):
             raise ValueError(f"rollout.proposal_bins ({self.proposal_bins}) must hold one bin in 1..10 per group "
                              f"position (group_size {self.group_size}), or be empty")
+        if self.train_on == "best" and self.group_size < 2:
+            raise ValueError("rollout.train_on 'best' picks within a group: it needs rollout.group_size >= 2")
         return self
 
 

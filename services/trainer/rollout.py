@@ -58,6 +58,11 @@ def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: fl
     return a.astype(np.float32), np.digitize(a, BIN_EDGES).astype(np.int64)
 
 
+def group_best(gains: np.ndarray, group_size: int) -> np.ndarray:
+    """Value gain [B] in groups of `group_size` -> the row of each group's highest gain."""
+    return np.arange(0, len(gains), group_size) + gains.reshape(-1, group_size).argmax(axis=1)
+
+
 def prompts(cfg: RolloutConfig, rows: int) -> list[int]:
     """The bin each of `rows` workers (whole groups, in order) asks the policy for."""
     return (cfg.proposal_bins or [cfg.advantage_bin] * cfg.group_size) * (rows // cfg.group_size)
@@ -255,14 +260,21 @@ class Rollouts:
             self.timing_s[key] += ms / 1e3
         self.advantages = (self.advantages + adv.tolist())[-4096:]
 
+        trained = range(len(workers))
+        if cfg.train_on == "best":  # only each group's pick, under the prompt's bin
+            gain = (values[:, 1:] - values[:, :1]).mean(axis=1)  # (A is clamped: ties at 1)
+            trained = group_best(gain, cfg.group_size)
+            bins[trained] = cfg.advantage_bin
         payloads = []
-        for b, w in enumerate(workers):
+        for b in trained:
+            w = workers[b]
             payloads.append(encode_sample(
                 views={v: current[v][b] for v in views}, state=w.state, task=w.task, actions=chunks.actions[b],
                 advantage=float(adv[b]), advantage_bin=int(bins[b]), policy_version=chunks.version,
                 dynamics_version=imagined.version, value_version=scores.version, chain_index=w.chain,
                 value_current=float(values[b, 0]), value_imagined=values[b, 1:].tolist(), timing_ms=timing,
                 run_id=self.run_id, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality))
+        for b, w in enumerate(workers):
             # Move on: chain the imagined frames, or (below) go back to a real start.
             w.chain += 1
             if w.chain >= cfg.max_chain:
