@@ -534,3 +534,46 @@ def test_lookahead_scores_each_proposal_over_the_chunks_imagined_after_it(store,
         np.testing.assert_allclose(a.actions, b.actions, atol=1e-6)
         np.testing.assert_allclose(b.value_imagined[:frames], a.value_imagined, atol=1e-5)
     assert timing["lookahead"] > 0 and "lookahead" in ahead[0].timing_ms
+
+
+def test_group_best_picks_the_highest_gain_of_each_group():
+    from services.trainer.rollout import group_best
+
+    gains = np.array([0.1, 0.5, 0.2, 0.3, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -0.5, -3.0], np.float32)
+    assert group_best(gains, 4).tolist() == [1, 4, 10]
+    assert group_best(gains, 2).tolist() == [1, 3, 4, 6, 8, 10]
+
+
+def test_train_on_best_pushes_only_each_groups_pick_under_the_prompts_bin(store, services, tmp_path):
+    from rise.data.loading import load_episodes_in_memory
+    from services.trainer.replay import decode_sample
+    from services.trainer.rollout import Rollouts, dynamics_shape, group_best, open_clients, start_states
+
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        _config(store, services, tmp_path, **{"rollout.group_size": "1", "rollout.train_on": "best"})
+    folder, registry = store
+    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
+
+    def first_round(train_on: str):
+        config = _config(store, services, tmp_path, **{"rollout.workers": "8", "rollout.group_size": "4",
+                                                        "rollout.policy_version": "stable", "rollout.train_on": train_on})
+
+        async def run():
+            clients = await open_clients(config.services)
+            try:
+                rollouts = Rollouts(config.rollout, config.services, clients, starts, "best-test", seed=5)
+                return [decode_sample(p) for p in await rollouts.round(frame_encoding="raw")]
+            finally:
+                for client in clients:
+                    await client.close()
+
+        return asyncio.run(run())
+
+    every, best = first_round("all"), first_round("best")
+    gains = np.array([np.mean(s.value_imagined) - s.value_current for s in every], np.float32)
+    picks = group_best(gains, 4)
+    assert len(every) == 8 and len(best) == 2  # one sample per group of four
+    for pick, sample in zip(picks, best):  # the same round, only the group's pick kept, prompted bin
+        np.testing.assert_allclose(sample.actions, every[pick].actions, atol=1e-6)
+        assert sample.advantage == pytest.approx(every[pick].advantage)
+        assert sample.advantage_bin == 10
