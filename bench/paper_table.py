@@ -225,7 +225,7 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             results[method] = stage(f"eval-{method}", lambda: evaluate(
                 server.running.address, task, cfg["eval_episodes"], version=method, seed=cfg["eval_seed"],
                 advantage_bin=0 if method == "imitation" else 10,
-                record=_fresh(record) if method in RECORDED_EVALS and cfg.get("record_evals", True) else None,
+                record=_fresh(record) if method in RECORDED_EVALS and cfg["record_evals"] else None,
                 progress=True).summary())
         for scale in cfg["guidance_scales"]:  # the same versions and layouts, prompted harder
             for method in [m for m in versions if m != "imitation"]:

@@ -427,8 +427,8 @@ def test_a_rollout_group_shares_its_start_chains_in_step_and_restarts_together(s
     assert {s.advantage_bin for r in samples for s in r} == {6}
 
 
-def _first_round_actions(store, services, tmp_path, **overrides) -> np.ndarray:
-    """The chunks [workers, chunk, A] of one rollout round (seed 5) with these config overrides."""
+def _first_round(store, services, tmp_path, **overrides):
+    """One rollout round (seed 5, policy `stable`) with these config overrides -> (decoded samples, timing_s)."""
     from rise.data.loading import load_episodes_in_memory
     from services.trainer.replay import decode_sample
     from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
@@ -441,12 +441,17 @@ def _first_round_actions(store, services, tmp_path, **overrides) -> np.ndarray:
         clients = await open_clients(config.services)
         try:
             rollouts = Rollouts(config.rollout, config.services, clients, starts, "round-test", seed=5)
-            return np.stack([decode_sample(p).actions for p in await rollouts.round(frame_encoding="raw")])
+            return [decode_sample(p) for p in await rollouts.round(frame_encoding="raw")], rollouts.timing_s
         finally:
             for client in clients:
                 await client.close()
 
     return asyncio.run(first_round())
+
+
+def _first_round_actions(store, services, tmp_path, **overrides) -> np.ndarray:
+    """The chunks [workers, chunk, A] of one rollout round with these config overrides."""
+    return np.stack([s.actions for s in _first_round(store, services, tmp_path, **overrides)[0]])
 
 
 def test_exploration_noise_and_offset_are_added_to_the_proposed_chunks(store, services, tmp_path):
@@ -503,28 +508,9 @@ def test_act_groups_gives_a_group_one_noise_so_its_chunks_differ_only_by_observa
 
 
 def test_lookahead_scores_each_proposal_over_the_chunks_imagined_after_it(store, services, tmp_path):
-    from rise.data.loading import load_episodes_in_memory
-    from services.trainer.replay import decode_sample
-    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
-
-    folder, registry = store
-    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
-
     def first_round(lookahead: int):
-        config = _config(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
-                                                        "rollout.policy_version": "stable",
-                                                        "rollout.lookahead_chunks": str(lookahead)})
-
-        async def run():
-            clients = await open_clients(config.services)
-            try:
-                rollouts = Rollouts(config.rollout, config.services, clients, starts, "lookahead-test", seed=5)
-                return [decode_sample(p) for p in await rollouts.round(frame_encoding="raw")], rollouts.timing_s
-            finally:
-                for client in clients:
-                    await client.close()
-
-        return asyncio.run(run())
+        return _first_round(store, services, tmp_path, **{"rollout.workers": "4", "rollout.group_size": "2",
+                                                          "rollout.lookahead_chunks": str(lookahead)})
 
     (plain, _), (ahead, timing) = first_round(0), first_round(2)
     frames = EMB.chunk_length  # the persistence model's future frames per chunk
@@ -545,33 +531,18 @@ def test_group_best_picks_the_highest_gain_of_each_group():
 
 
 def test_train_on_best_pushes_only_each_groups_pick_under_the_prompts_bin(store, services, tmp_path):
-    from rise.data.loading import load_episodes_in_memory
-    from services.trainer.replay import decode_sample
-    from services.trainer.rollout import Rollouts, dynamics_shape, group_best, open_clients, start_states
+    from services.trainer.rollout import group_best, value_gain
 
     with pytest.raises(ValueError, match="group_size >= 2"):
         _config(store, services, tmp_path, **{"rollout.group_size": "1", "rollout.train_on": "best"})
-    folder, registry = store
-    starts = start_states(load_episodes_in_memory(folder / "data", EMB), dynamics_shape(registry, "stable", EMB.chunk_length))
 
     def first_round(train_on: str):
-        config = _config(store, services, tmp_path, **{"rollout.workers": "8", "rollout.group_size": "4",
-                                                        "rollout.policy_version": "stable", "rollout.train_on": train_on})
-
-        async def run():
-            clients = await open_clients(config.services)
-            try:
-                rollouts = Rollouts(config.rollout, config.services, clients, starts, "best-test", seed=5)
-                return [decode_sample(p) for p in await rollouts.round(frame_encoding="raw")]
-            finally:
-                for client in clients:
-                    await client.close()
-
-        return asyncio.run(run())
+        return _first_round(store, services, tmp_path, **{"rollout.workers": "8", "rollout.group_size": "4",
+                                                          "rollout.train_on": train_on})[0]
 
     every, best = first_round("all"), first_round("best")
-    gains = np.array([np.mean(s.value_imagined) - s.value_current for s in every], np.float32)
-    picks = group_best(gains, 4)
+    picks = group_best(value_gain(np.array([s.value_current for s in every]),
+                                  np.array([s.value_imagined for s in every])), 4)
     assert len(every) == 8 and len(best) == 2  # one sample per group of four
     for pick, sample in zip(picks, best):  # the same round, only the group's pick kept, prompted bin
         np.testing.assert_allclose(sample.actions, every[pick].actions, atol=1e-6)

@@ -93,7 +93,7 @@ class RolloutConfig(StrictModel):
     # times the policy and dynamics calls per sample.
     lookahead_chunks: int = Field(0, ge=0)
     # Which imagined chunks go to replay: "all" (each under the bin its advantage earned: the
-    # reference) or "best" (only each group's highest-advantage chunk, under `advantage_bin`: the
+    # reference) or "best" (only each group's highest-value-gain chunk, under `advantage_bin`: the
     # group's pick distilled into the prompt, as in rejection sampling). Why: the trainer's group
     # ranking is weak (bench/lookahead_signal.py: r 0.05-0.20 with the simulator's outcome at
     # depth 0), so the bins "all" gives the other chunks are mostly noise, and training them

@@ -48,7 +48,7 @@ def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: fl
     its group's mean gain, in units of the group's standard deviation (GRPO's baseline), clamped.
     The start state's own difficulty cancels out, so the bins rank actions, and no scale has to
     be tuned to a task's value-gain magnitude."""
-    gain = (values_imagined - values_current[:, None]).mean(axis=1)
+    gain = value_gain(values_current, values_imagined)
     if group_size == 1:
         a = scale * gain
     else:
@@ -56,6 +56,11 @@ def advantage(values_current: np.ndarray, values_imagined: np.ndarray, scale: fl
         a = ((groups - groups.mean(axis=1, keepdims=True)) / (groups.std(axis=1, keepdims=True) + 1e-6)).reshape(-1)
     a = np.clip(a, -1.0, 1.0)
     return a.astype(np.float32), np.digitize(a, BIN_EDGES).astype(np.int64)
+
+
+def value_gain(values_current: np.ndarray, values_imagined: np.ndarray) -> np.ndarray:
+    """V [B], V [B, F] -> a chunk's mean value gain over its imagined frames [B]."""
+    return (values_imagined - values_current[:, None]).mean(axis=1)
 
 
 def group_best(gains: np.ndarray, group_size: int) -> np.ndarray:
@@ -262,8 +267,7 @@ class Rollouts:
 
         trained = range(len(workers))
         if cfg.train_on == "best":  # only each group's pick, under the prompt's bin
-            gain = (values[:, 1:] - values[:, :1]).mean(axis=1)  # (A is clamped: ties at 1)
-            trained = group_best(gain, cfg.group_size)
+            trained = group_best(value_gain(values[:, 0], values[:, 1:]), cfg.group_size)  # (A is clamped: ties at 1)
             bins[trained] = cfg.advantage_bin
         payloads = []
         for b in trained:
