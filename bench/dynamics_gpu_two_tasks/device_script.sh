@@ -33,3 +33,8 @@ ls -la $OUT
 # bench/dynamics_offset_data were moved aside for the call, or the tree was over the 64 MiB that travels):
 # both reached all 15,000 steps in one call (510 s each; 30.8 / 31.1 ms per transformer step side by side,
 # compiled). Logs: <task>-h200-2026-11-28.log.
+# 2026-11-28 evening, on one H200 again (DEADLINE=540, timeout_s 595): both reached 15,000 steps in one call
+# (500.8 s of command wall, 542.7 s held; 28.5 / 29.3 ms per transformer step side by side, compiled). The tree
+# with the two exports and the wheels was 65.5 MiB this time even without the GIFs: bench's other tracked
+# images and JSON files were removed for the call too (`git checkout -- bench` after). Logs:
+# <task>-h200-2026-11-28-evening.log.
