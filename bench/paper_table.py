@@ -25,7 +25,8 @@ Per task, the same data and evaluation seeds for every method:
   rise        RL in imagination from the RECAP policy through the services, learned world model;
               `--offline-ratios 0.1,0.3,0.6,0.9` adds one run per ratio (methods `rise-offline10`, ...)
   rise-oracle the same with the simulator as the world model (the upper bound for learned
-              imagination: separates world-model error from the rest)
+              imagination: separates world-model error from the rest); it returns the frames the
+              learned model predicts (the tier's `frame_stride`), so both are scored on the same ticks
   eval        every policy through `rise eval` on held-out layouts, prompted with the best bin;
               Wilson 95% intervals
   curve       with `--curve-episodes N`: every version a RISE run published, N episodes each
@@ -203,7 +204,12 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
         def rise_run(method=method, dyn=dyn, ratio=ratio) -> dict:
             registry.set_alias("policy", "stable", recap["version"])
             registry.set_alias("value", "stable", value["version"])
-            world = dynamics["version"] if dyn == "learned" else publish_oracle_dynamics(registry, emb).version
+            # The oracle returns the ticks the learned model predicts (every frame_stride-th), so the value
+            # gain is averaged over the same frames and the two runs differ by world-model error alone.
+            # (Before 2026-11-29 it returned every tick: twice the renders, 90% of a step's cost.)
+            stride = load_dynamics_config(cfg["tier"]).frame_stride
+            world = (dynamics["version"] if dyn == "learned"
+                     else publish_oracle_dynamics(registry, emb, frame_stride=stride).version)
             registry.set_alias("dynamics", "stable", world)
             overrides = {"learner.offline_ratio": ratio} if ratio is not None else {}
             return run_rise(task, method, seed, folder, registry, labelled, cfg, overrides, log)
