@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
-from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 from rich.progress import track
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine  # noqa: E402
 
 
 def main() -> None:
@@ -76,8 +70,7 @@ def main() -> None:
         "task": args.task, "rounds": args.rounds, "batch": args.batch, "chunks_per_stride": chunks,
         "chunks_per_s": {str(s): round(r, 2) for s, r in rate.items()},
         "ratio_to_stride_1": {str(s): round(r / rate[strides[0]], 2) for s, r in rate.items()},
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
     }
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:

@@ -206,10 +206,8 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
             registry.set_alias("value", "stable", value["version"])
             # The oracle returns the ticks the learned model predicts (every frame_stride-th), so the value
             # gain is averaged over the same frames and the two runs differ by world-model error alone.
-            # (Before 2026-11-29 it returned every tick: twice the renders, 90% of a step's cost.)
-            stride = load_dynamics_config(cfg["tier"]).frame_stride
-            world = (dynamics["version"] if dyn == "learned"
-                     else publish_oracle_dynamics(registry, emb, frame_stride=stride).version)
+            world = dynamics["version"] if dyn == "learned" else publish_oracle_dynamics(
+                registry, emb, frame_stride=load_dynamics_config(cfg["tier"]).frame_stride).version
             registry.set_alias("dynamics", "stable", world)
             overrides = {"learner.offline_ratio": ratio} if ratio is not None else {}
             return run_rise(task, method, seed, folder, registry, labelled, cfg, overrides, log)
