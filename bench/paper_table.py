@@ -381,8 +381,8 @@ def write_table(out: Path, tasks: list[str], state: State, cfg: dict) -> str:
     (out / "table.md").write_text(table)
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(out / "success.png", tasks, methods, rows)
-    curves = {(task, m): pool_curves(done) for task in tasks for m in methods
-              if (done := [c["points"] for seed in seeds if (c := state.done(key(task, seed, f"curve-{m}")))])}
+    curves = {(task, m): done for task in tasks for m in methods
+              if (done := {seed: c["points"] for seed in seeds if (c := state.done(key(task, seed, f"curve-{m}")))})}
     if curves:
         _plot_curves(out / "curve.png", curves)
     return table
@@ -447,13 +447,18 @@ def _plot_curves(path: Path, curves: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for (task, method), points in curves.items():
+    for (task, method), by_seed in curves.items():
+        points = pool_curves(list(by_seed.values()))
         steps = [p["learner_step"] for p in points]
-        seeds = max(p["seeds"] for p in points)
-        label = f"{task} {method}" + (f" ({seeds} seeds pooled)" if seeds > 1 else "")
-        ax.errorbar(steps, [p["success_rate"] for p in points], marker="o", capsize=3, label=label,
-                    yerr=[[p["success_rate"] - p["wilson95"][0] for p in points],
-                          [p["wilson95"][1] - p["success_rate"] for p in points]])
+        label = f"{task} {method}" + (f" ({len(by_seed)} seeds pooled)" if len(by_seed) > 1 else "")
+        line = ax.errorbar(steps, [p["success_rate"] for p in points], marker="o", capsize=3, label=label,
+                           yerr=[[p["success_rate"] - p["wilson95"][0] for p in points],
+                                 [p["wilson95"][1] - p["success_rate"] for p in points]])
+        # Each seed thin beside the pooled curve: pooling can hide seeds that disagree.
+        for marker, (seed, own) in zip("x+^svD<>", by_seed.items() if len(by_seed) > 1 else ()):
+            ax.plot([p["learner_step"] for p in own], [p["successes"] / p["episodes"] for p in own], lw=0.8,
+                    ls="--", marker=marker, alpha=0.6, color=line.lines[0].get_color(),
+                    label=f"{task} {method} seed {seed}")
     ax.set_xlabel("RL learner steps (0: the RECAP policy it starts from)")
     ax.set_ylabel("success (Wilson 95%)")
     ax.set_ylim(0, 1)
