@@ -43,6 +43,7 @@ layouts, with an exact sign test), `<out>/table.json`, `<out>/success.png` and (
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -454,11 +455,11 @@ def _plot_curves(path: Path, curves: dict) -> None:
         line = ax.errorbar(steps, [p["success_rate"] for p in points], marker="o", capsize=3, label=label,
                            yerr=[[p["success_rate"] - p["wilson95"][0] for p in points],
                                  [p["wilson95"][1] - p["success_rate"] for p in points]])
-        # Each seed thin beside the pooled curve: pooling can hide seeds that disagree.
-        for marker, (seed, own) in zip("x+^svD<>", by_seed.items() if len(by_seed) > 1 else ()):
-            ax.plot([p["learner_step"] for p in own], [p["successes"] / p["episodes"] for p in own], lw=0.8,
-                    ls="--", marker=marker, alpha=0.6, color=line.lines[0].get_color(),
-                    label=f"{task} {method} seed {seed}")
+        if len(by_seed) > 1:  # each seed thin beside the pooled curve: pooling can hide seeds that disagree
+            for marker, (seed, own) in zip(itertools.cycle("x+^svD<>"), by_seed.items()):
+                ax.plot([p["learner_step"] for p in own], [p["successes"] / p["episodes"] for p in own], lw=0.8,
+                        ls="--", marker=marker, alpha=0.6, color=line.lines[0].get_color(),
+                        label=f"{task} {method} seed {seed}")
     ax.set_xlabel("RL learner steps (0: the RECAP policy it starts from)")
     ax.set_ylabel("success (Wilson 95%)")
     ax.set_ylim(0, 1)
