@@ -428,7 +428,8 @@ def pool(summaries: list[dict]) -> dict | None:
         return None
     successes, episodes = sum(s["successes"] for s in summaries), sum(s["episodes"] for s in summaries)
     return {"successes": successes, "episodes": episodes, "success_rate": successes / episodes,
-            "wilson95": list(wilson_interval(successes, episodes)), "seeds": len(summaries)}
+            "wilson95": list(wilson_interval(successes, episodes)), "seeds": len(summaries),
+            "seed_rates": [s["successes"] / s["episodes"] for s in summaries]}
 
 
 def pool_curves(curves: list[list[dict]]) -> list[dict]:
@@ -478,6 +479,7 @@ def _plot(path: Path, tasks: list[str], methods: list[str], rows: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(2 + 2 * len(tasks), 3.5))
     width = 0.8 / len(methods)
+    seed_dots = False
     for i, method in enumerate(methods):
         rates, errs = [], [[], []]
         for task in tasks:
@@ -487,7 +489,14 @@ def _plot(path: Path, tasks: list[str], methods: list[str], rows: dict) -> None:
             rates.append(rate)
             errs[0].append(rate - low)
             errs[1].append(high - rate)
-        ax.bar(np.arange(len(tasks)) + i * width, rates, width, yerr=errs, capsize=3, label=method)
+        x = np.arange(len(tasks)) + i * width
+        ax.bar(x, rates, width, yerr=errs, capsize=3, label=method)
+        for j, task in enumerate(tasks):  # each training seed's own rate: their spread is the noise to beat
+            own = (rows.get(task, {}).get(method) or {}).get("seed_rates", [])
+            if len(own) > 1:
+                ax.scatter([x[j]] * len(own), own, s=12, color="black", zorder=3,
+                           label=None if seed_dots else "one training seed")
+                seed_dots = True
     ax.set_xticks(np.arange(len(tasks)) + width * (len(methods) - 1) / 2, tasks)
     ax.set_ylim(0, 1)
     ax.set_ylabel("success (Wilson 95%)")

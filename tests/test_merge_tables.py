@@ -54,6 +54,8 @@ def test_other_seeds_move_under_their_seed_and_pool_in_the_table(tmp_path):
     table = json.loads((tmp_path / "m" / "table.json").read_text())["push"]
     recap = seed0["push/eval-recap"]["successes"] + seed1["push/eval-recap"]["successes"]
     assert (table["recap"]["successes"], table["recap"]["episodes"], table["recap"]["seeds"]) == (recap, 100, 2)
+    assert table["recap"]["seed_rates"] == [seed0["push/eval-recap"]["successes"] / 50,
+                                            seed1["push/eval-recap"]["successes"] / 50]
     assert table["recap-continued"]["episodes"] == 50  # run with seed 0 only
     assert "(seeds: " in (tmp_path / "m" / "table.md").read_text()
     assert (tmp_path / "m" / "success.png").stat().st_size > 0
