@@ -21,6 +21,10 @@ better, the step is.
 
 Layouts: evaluation seed 1 (`--eval-seed`), the paper table's held-out layouts. Resumable: every
 finished G is kept in --out and skipped when run again. Writes --out (JSON) and a PNG next to it.
+Runs with other policy-noise seeds (--seed) and tasks pool into one table and plot:
+
+    .venv/bin/python bench/judge_planning.py --pool bench/judge_planning_pick_place.json \
+        --pool bench/judge_planning_pick_place_seed1.json ... --out bench/judge_planning_pooled.json
 """
 
 from __future__ import annotations
@@ -183,9 +187,66 @@ def plot(path: Path, result: dict) -> None:
     plt.close(fig)
 
 
+def pool(paths: list[Path]) -> dict:
+    """Runs (one per task and policy-noise seed) -> per task and G: successes over all their episodes,
+    Wilson interval, and the pairs with the policy alone on the same layouts and noise seed, summed."""
+    from rise.sim.stats import sign_test, wilson_interval
+
+    tasks: dict[str, dict] = {}
+    for path in paths:
+        run = json.loads(path.read_text())
+        task = tasks.setdefault(run["task"], {"runs": [], "arms": {}})
+        task["runs"].append(str(path))
+        for g, arm in run["arms"].items():
+            pooled = task["arms"].setdefault(g, {"group": arm["group"], "successes": 0, "episodes": 0,
+                                                 "only_policy_alone": 0, "only_best_of_g": 0})
+            pooled["successes"] += arm["successes"]
+            pooled["episodes"] += arm["episodes"]
+            pair = run.get("paired_with_policy_alone", {}).get(g)
+            if pair:
+                pooled["only_policy_alone"] += pair["only_first"]
+                pooled["only_best_of_g"] += pair["only_second"]
+    for task in tasks.values():
+        for arm in task["arms"].values():
+            arm["success_rate"] = arm["successes"] / arm["episodes"]
+            arm["wilson95"] = list(wilson_interval(arm["successes"], arm["episodes"]))
+            if arm["group"] > 1:
+                arm["sign_test_p"] = round(sign_test(arm["only_policy_alone"], arm["only_best_of_g"]), 4)
+    return tasks
+
+
+def plot_pooled(path: Path, tasks: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({a["group"] for t in tasks.values() for a in t["arms"].values()})
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(tasks), 3.8))
+    for i, g in enumerate(groups):
+        for j, (name, task) in enumerate(sorted(tasks.items())):
+            arm = task["arms"].get(str(g))
+            if arm is None:
+                continue
+            rate = 100 * arm["success_rate"]
+            err = [[rate - 100 * arm["wilson95"][0]], [100 * arm["wilson95"][1] - rate]]
+            ax.bar(j + (i - (len(groups) - 1) / 2) * width, rate, width, yerr=err, capsize=3, color=f"C{i}",
+                   label=("policy alone" if g == 1 else f"best of {g} by the judge") if j == 0 else None)
+            ax.text(j + (i - (len(groups) - 1) / 2) * width, 1, f"{arm['successes']}/{arm['episodes']}",
+                    ha="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(tasks)), sorted(tasks))
+    ax.set_ylabel("success in the simulator (%)")
+    ax.set_title("RISE's judge, its picks executed at every decision (simulator as world model; Wilson 95%)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(
-    store: Path = typer.Option(..., help="Registry with the policy and value versions (a paper-table task's store)."),
-    task: str = typer.Option(..., help="MetaWorld task."),
+    store: Path = typer.Option(None, help="Registry with the policy and value versions (a paper-table task's store)."),
+    task: str = typer.Option("", help="MetaWorld task."),
     policy: str = typer.Option("stable", help="Policy version or alias (the RL start: the RECAP policy)."),
     value: str = typer.Option("stable", help="Value version or alias (the trainer's judge)."),
     groups: str = typer.Option("1,4,8", help="Chunks proposed per decision, one arm each (1 = the policy alone)."),
@@ -196,7 +257,17 @@ def main(
     tier: str = typer.Option("small", help="Dynamics tier whose frame_stride the oracle uses (as the paper table)."),
     seed: int = typer.Option(0, help="Policy noise seed."),
     out: Path = typer.Option(ROOT / "bench" / "judge_planning.json"),
+    pooled: list[Path] = typer.Option([], "--pool", help="Finished runs (.json, repeat) to pool per task into --out "
+                                      "(.json and .png), without the simulator."),
 ) -> None:
+    if pooled:
+        tasks = pool(pooled)
+        out.write_text(json.dumps(tasks, indent=2) + "\n")
+        plot_pooled(out.with_suffix(".png"), tasks)
+        return print(json.dumps({t: {g: {k: a[k] for k in a if k != "wilson95"} for g, a in v["arms"].items()}
+                                 for t, v in tasks.items()}, indent=2))
+    if store is None or not task:
+        raise typer.BadParameter("--store and --task are required to measure (--pool works without them)")
     from rise.baselines import publish_oracle_dynamics
     from rise.embodiment import PRESETS
     from rise.registry import Registry

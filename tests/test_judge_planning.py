@@ -41,3 +41,12 @@ def test_best_of_g_runs_every_episode_to_its_end_and_the_oracle_showed_what_was_
                              text=True, timeout=600)
     assert refused.returncode != 0 and "another config" in refused.stderr
     assert json.loads(out.read_text())["arms"] == result["arms"]
+    # Two runs of one task pool into one: episodes and discordant pairs add up, the sign test is on the sums.
+    pooled_out = tmp_path / "pooled.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "judge_planning.py"), "--pool", str(out), "--pool", str(out),
+                    "--out", str(pooled_out)], check=True, cwd=ROOT, timeout=600)
+    pooled = json.loads(pooled_out.read_text())["push"]
+    assert pooled["runs"] == [str(out), str(out)]
+    assert pooled["arms"]["2"]["episodes"] == 4 and pooled["arms"]["2"]["successes"] == 2 * best["successes"]
+    assert pooled["arms"]["2"]["sign_test_p"] == 1.0
+    assert (tmp_path / "pooled.png").stat().st_size > 0
