@@ -548,3 +548,32 @@ def test_train_on_best_pushes_only_each_groups_pick_under_the_prompts_bin(store,
         np.testing.assert_allclose(sample.actions, every[pick].actions, atol=1e-6)
         assert sample.advantage == pytest.approx(every[pick].advantage)
         assert sample.advantage_bin == 10
+
+
+def test_start_data_adds_starts_but_not_training_data(store, services, tmp_path):
+    """`start_data` (e.g. the policy's own rollouts): imagination starts from its frames too; the learner's
+    offline data stays `data`."""
+    from rise.data.dataset import DatasetWriter, Episode
+    from rise.data.loading import load_episodes_in_memory
+    from services.trainer.rollout import dynamics_shape, run_start_states
+
+    folder, registry = store
+    rollouts = tmp_path / "rollouts"
+    writer = DatasetWriter(rollouts, EMB)
+    n = 10  # dark frames (7): recognisable after video coding among the offline data's random ones (mean 127)
+    writer.add(Episode(views={v: np.full((n, EMB.image_height, EMB.image_width, 3), 7, np.uint8) for v in EMB.views},
+                       states=np.zeros((n, EMB.state_dim), np.float32), actions=np.zeros((n, EMB.action_dim), np.float32),
+                       task=TASK, success=False))
+    writer.finalize()
+    offline = load_episodes_in_memory([folder / "data"], EMB)
+    shape = dynamics_shape(registry, "stable", EMB.chunk_length)
+    plain = run_start_states(_config(store, services, tmp_path), offline, EMB, shape)
+    assert plain.episodes is offline and len(plain.frames) == len(offline)
+
+    config = _config(store, services, tmp_path, start_data=json.dumps([str(rollouts)]))
+    starts = run_start_states(config, offline, EMB, shape)
+    assert len(starts.frames) == len(offline) + n
+    rng = np.random.default_rng(0)
+    from_rollouts = [float(s.history[EMB.views[0]][-1].mean()) < 30 for s in (starts.draw(rng) for _ in range(400))]
+    assert 0.05 < np.mean(from_rollouts) < 0.5  # both kinds, in proportion to their frames (10 of 82)
+    assert config.data == [folder / "data"]  # what the learner trains on is unchanged

@@ -170,6 +170,11 @@ class RunConfig(StrictModel):
     embodiment: str = "metaworld"
     # Offline LeRobot datasets: imagined episodes start from their frames; the learner mixes them in.
     data: list[Path] = []
+    # More LeRobot datasets that imagined episodes also start from, but the learner does not train on,
+    # e.g. the policy's own recorded rollouts (with simulator states, for the oracle). Why: with expert
+    # demonstrations alone, imagination never visits the states the policy itself reaches, where
+    # its judge's picks were worth the most (bench/judge_planning.py). [] = starts from `data` only.
+    start_data: list[Path] = []
     services: ServicesConfig = ServicesConfig()
     rollout: RolloutConfig = RolloutConfig()
     replay: ReplayConfig = ReplayConfig()

@@ -158,6 +158,16 @@ def start_states(episodes: EpisodesInMemory, shape: DynamicsShape) -> "StartStat
     return StartStates(episodes, shape, sim_states if shape.needs_sim_state else None)
 
 
+def run_start_states(config, episodes: EpisodesInMemory, embodiment, shape: DynamicsShape) -> "StartStates":
+    """A run's (RunConfig's) imagined starts: the frames of its offline data (`episodes`, loaded from
+    `config.data`) and, when set, of `config.start_data`."""
+    if config.start_data:
+        from rise.data.loading import load_episodes_in_memory
+
+        episodes = load_episodes_in_memory([*config.data, *config.start_data], embodiment)
+    return start_states(episodes, shape)
+
+
 class StartStates:
     """Real starting points drawn from the offline data."""
 

@@ -165,7 +165,7 @@ class TrainerRun:
         from rise.sim.metaworld_sim import task_names
         from rise.transport import parse_url
         from services.trainer.gate import Gate
-        from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, start_states
+        from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, run_start_states
 
         cfg = self.config
         if not cfg.data:
@@ -196,7 +196,8 @@ class TrainerRun:
         writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         prometheus = _Prometheus(cfg.metrics_port, self.run_id) if cfg.metrics_port is not None else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), start_states(episodes, shape), self.run_id,
+        starts = await asyncio.to_thread(run_start_states, cfg, episodes, embodiment, shape)
+        rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), starts, self.run_id,
                             seed=cfg.learner.seed + learner.step, log=self.log)
         self.status.imagined_samples = int((await asyncio.to_thread(replay.stats))["inserted"])
         gates: list[asyncio.Task] = []
