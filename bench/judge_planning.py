@@ -237,7 +237,7 @@ def plot_pooled(path: Path, tasks: dict) -> None:
                     ha="center", fontsize=7, color="white")
     ax.set_xticks(range(len(tasks)), sorted(tasks))
     ax.set_ylabel("success in the simulator (%)")
-    ax.set_title("RISE's judge, its picks executed at every decision (simulator as world model; Wilson 95%)", fontsize=9)
+    ax.set_title("RISE's judge, its picks executed at every decision\n(simulator as world model; Wilson 95%)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
