@@ -61,7 +61,7 @@ class Episode:
         return bool(self.frame.success) or self.done
 
 
-async def plan(urls: dict, task: str, episodes: int, eval_seed: int, group: int, policy: str, value: str,
+async def plan(urls: dict, shape, task: str, episodes: int, eval_seed: int, group: int, policy: str, value: str,
                oracle: str, max_steps: int, batch_rows: int, seed: int, log) -> list[Episode]:
     """Every episode to its end, all in lock-step decisions; best of `group` by the judge."""
     from rise.embodiment import PRESETS
@@ -73,7 +73,6 @@ async def plan(urls: dict, task: str, episodes: int, eval_seed: int, group: int,
     emb = PRESETS["metaworld"]
     sim = MetaWorldSim(task, emb, max_steps=max_steps)
     text = task_text(task)
-    shape = urls["dynamics_shape"]
     eps = [Episode(i, layout_seed(eval_seed, i), sim.reset(layout_seed(eval_seed, i)), shape.history)
            for i in range(episodes)]
     pol, dyn, val = connect_policy(urls["policy"]), connect_dynamics(urls["dynamics"]), connect_value(urls["value"])
@@ -125,8 +124,7 @@ def execute(sim, ep: Episode, actions: np.ndarray, stride: int) -> None:
     sim.set_state(ep.sim_state, render=False)
     frame = ep.frame
     for k, action in enumerate(actions):
-        last = k == len(actions) - 1
-        frame = sim.step(action, render=last or (len(actions) - 1 - k) % stride == 0)
+        frame = sim.step(action, render=(len(actions) - 1 - k) % stride == 0)  # (the chunk's last tick included)
         if frame.success or sim.done:
             frame.views = frame.views or sim.render()
             ep.history.append(frame.views)
@@ -157,12 +155,9 @@ def summarize_arm(eps: list[Episode], group: int, wall_s: float) -> dict:
 
 def paired(a: dict, b: dict) -> dict:
     """Layouts only `a` solved / only `b` solved and the exact sign test's p."""
-    from rise.sim.stats import sign_test
+    from rise.sim.stats import discordant_pairs, sign_test
 
-    sa = {e["index"]: e["success"] for e in a["per_episode"]}
-    sb = {e["index"]: e["success"] for e in b["per_episode"]}
-    only_a = sum(sa[i] and not sb[i] for i in sa)
-    only_b = sum(sb[i] and not sa[i] for i in sa)
+    only_a, only_b = discordant_pairs(a["per_episode"], b["per_episode"])
     return {"only_first": only_a, "only_second": only_b, "p": round(sign_test(only_a, only_b), 4)}
 
 
@@ -297,10 +292,10 @@ def main(
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {task} {message}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         asyncio.run(services.wait_ready())
-        urls = {**services.urls, "dynamics_shape": dynamics_shape(registry, oracle, emb.chunk_length)}
+        shape = dynamics_shape(registry, oracle, emb.chunk_length)
         for group in todo:
             started = time.perf_counter()
-            eps = asyncio.run(plan(urls, task, episodes, eval_seed, group, policy_v, value_v, oracle, max_steps,
+            eps = asyncio.run(plan(services.urls, shape, task, episodes, eval_seed, group, policy_v, value_v, oracle, max_steps,
                                    batch_rows, seed, log))
             result["arms"][str(group)] = {**summarize_arm(eps, group, time.perf_counter() - started),
                                           "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -393,7 +393,7 @@ def paired_table(tasks: list[str], methods: list[str], state: State, key, seeds:
     """Every method after RECAP against RECAP on the same layouts (per training seed and episode seed):
     the layouts only RECAP solved, only the method solved, and the exact sign test's p. A few episodes
     of 50 apart is noise; a paired split says whether one policy solves layouts the other does not."""
-    from rise.sim.stats import sign_test
+    from rise.sim.stats import discordant_pairs, sign_test
 
     against = [m for m in methods if m not in ("imitation", "recap")]
     if "recap" not in methods or not against:
@@ -407,14 +407,8 @@ def paired_table(tasks: list[str], methods: list[str], state: State, key, seeds:
             pairs = [(r, m) for seed in seeds if (r := state.done(key(task, seed, "eval-recap")))
                      and (m := state.done(key(task, seed, f"eval-{method}")))]
             for recap_eval, method_eval in pairs:
-                recap_by_seed = {e["seed"]: e["success"] for e in recap_eval["per_episode"]}
-                for episode in method_eval["per_episode"]:
-                    if episode["seed"] not in recap_by_seed or recap_by_seed[episode["seed"]] == episode["success"]:
-                        continue
-                    if episode["success"]:
-                        only_method += 1
-                    else:
-                        only_recap += 1
+                recap_wins, method_wins = discordant_pairs(recap_eval["per_episode"], method_eval["per_episode"])
+                only_recap, only_method = only_recap + recap_wins, only_method + method_wins
             cells.append(f"{only_recap} / {only_method} (p {sign_test(only_recap, only_method):.2f})" if pairs else "—")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

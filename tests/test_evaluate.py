@@ -18,7 +18,7 @@ from rise.registry import Registry
 from rise.serving import ServerConfig
 from rise.sim.evaluate import EVAL_SEED_BASE, eval_seed, evaluate
 from rise.sim.metaworld_sim import MetaWorldSim, expert_policy, task_text
-from rise.sim.stats import sign_test, wilson_interval
+from rise.sim.stats import discordant_pairs, sign_test, wilson_interval
 from rise.tensors import from_tensor, to_tensor
 from services.policy.server import PolicyConfig, start
 
@@ -63,6 +63,14 @@ def test_sign_test_reference_values():
     assert sign_test(6, 7) == sign_test(0, 0) == 1.0
     with pytest.raises(ValueError):
         sign_test(-1, 3)
+
+
+def test_discordant_pairs_count_only_layouts_both_ran_and_split():
+    a = [{"seed": 1, "success": True}, {"seed": 2, "success": False}, {"seed": 3, "success": True},
+         {"seed": 4, "success": True}]  # layout 4: only A ran it
+    b = [{"seed": 3, "success": False}, {"seed": 2, "success": True}, {"seed": 1, "success": True}]
+    assert discordant_pairs(a, b) == (1, 1) and discordant_pairs(b, a) == (1, 1)
+    assert discordant_pairs(a, [{"seed": 1, "success": False}]) == (1, 0)
 
 
 def test_eval_seeds_are_held_out():

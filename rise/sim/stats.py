@@ -49,3 +49,11 @@ def sign_test(only_a: int, only_b: int) -> float:
     n, k = only_a + only_b, min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
     return min(1.0, 2 * tail)
+
+
+def discordant_pairs(a: list[dict], b: list[dict]) -> tuple[int, int]:
+    """Two evaluations' per-episode results ({"seed": layout seed, "success": bool}) -> (layouts only A
+    solved, layouts only B solved), the counts `sign_test` takes. Layouts only one of them ran are left out."""
+    b_success = {e["seed"]: e["success"] for e in b}
+    shared = [(e["success"], b_success[e["seed"]]) for e in a if e["seed"] in b_success]
+    return sum(x and not y for x, y in shared), sum(y and not x for x, y in shared)

@@ -164,6 +164,7 @@ def run_start_states(config, episodes: EpisodesInMemory, embodiment, shape: Dyna
     if config.start_data:
         from rise.data.loading import load_episodes_in_memory
 
+        # `data` is read again (once, at start-up): the starts need one frame table over all datasets, the learner its own
         episodes = load_episodes_in_memory([*config.data, *config.start_data], embodiment)
     return start_states(episodes, shape)
 
