@@ -332,7 +332,8 @@ def run_rise(task: str, method: str, seed: int, folder: Path, registry, data: Pa
         overrides = {"out": str(folder / method), "registry_root": str(registry.root), "data": json.dumps([str(data)]),
                      **{f"services.{n}": f"grpc://{r.address}" for n, r in running.items()},
                      "replay.stream": f"rise-bench:{_folder_key(folder)}:{method}", "learner.steps": cfg["rl_steps"],
-                     "learner.seed": seed, "gate.every_versions": 0, **cfg["set"], **overrides}
+                     "learner.seed": seed, "gate.every_versions": 0, **trainer_overrides(cfg["set"], folder),
+                     **overrides}
         run = TrainerRun(load_run_config(None, overrides), method, log=log)
         status = asyncio.run(run.run())
         if status.state != "succeeded":
@@ -343,6 +344,12 @@ def run_rise(task: str, method: str, seed: int, folder: Path, registry, data: Pa
         for r in running.values():
             asyncio.run_coroutine_threadsafe(r.stop(0), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def trainer_overrides(overrides: dict[str, str], folder: Path) -> dict[str, str]:
+    """`--set` values with `{folder}` replaced by this task's and seed's own folder: one table, one config, and
+    each seed's RISE can start from its own recorded rollouts (`start_data=["{folder}/rollouts-recap"]`)."""
+    return {k: v.replace("{folder}", str(folder)) for k, v in overrides.items()}
 
 
 def _folder_key(folder: Path) -> str:
@@ -521,7 +528,8 @@ def main(
     curve_episodes: int = typer.Option(0, help="Evaluate every published RISE version on this many episodes (0: off)."),
     guidance_scales: str = typer.Option("", help="Also evaluate each advantage-conditioned policy with classifier-free "
                                                  "guidance at these scales, e.g. 2,3."),
-    set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks)."),
+    set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks and seeds); "
+                                 "`{folder}` in VALUE is each task's and seed's own folder."),
     record_evals: bool = typer.Option(True, help="Keep imitation's and RECAP's evaluation rollouts as LeRobot datasets "
                                                   "(the value-ranking column reads them; about 4x slower evaluations)."),
 ) -> None:
