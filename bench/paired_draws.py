@@ -61,9 +61,10 @@ def paired_table(names: tuple[str, str], draws: list[tuple[str, list[dict], list
     lines = [f"| draw | {names[0]} | {names[1]} | {names[0]} only / {names[1]} only (p) |", "| --- | --- | --- | --- |"]
     for group, pairs in groups.items():
         lines += [pooled_row(f"{group}, draw {i + 1}", [pair]) for i, pair in enumerate(pairs)]
-    if len(groups) > 1 or len(draws) > 1:
+    if len(groups) > 1:
         lines += [pooled_row(f"**{group}, {len(pairs)} draws**", pairs) for group, pairs in groups.items()
                   if len(pairs) > 1]
+    if len(draws) > 1:
         lines.append(pooled_row(f"**all, {len(draws)} draws**", [(a, b) for _, a, b in draws]))
     return "\n".join(lines)
 
