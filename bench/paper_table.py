@@ -38,6 +38,13 @@ same); cells then pool the seeds' episodes and list each seed's rate.
 
 Writes `<out>/table.md` (the success table, then every later method paired with RECAP on the same
 layouts, with an exact sign test), `<out>/table.json`, `<out>/success.png` and (with curves) `<out>/curve.png`.
+
+A RISE ablation starts from the very RECAP policy of another table with `--fork-from <table>`: the new
+table begins as a copy of every stage `--set` does not shape (data, imitation, value, labels, RECAP, the
+RECAP rollouts and their evaluations), so only the RISE runs are trained again, under the new `--set`:
+
+    .venv/bin/python bench/paper_table.py --tasks peg-insert-side --methods imitation,recap,rise-oracle \
+        --fork-from runs/table --set learner.ema_decay=0.98 --out runs/table-ema98
 """
 
 from __future__ import annotations
@@ -60,8 +67,9 @@ RECORDED_EVALS = ("imitation", "recap")
 LEGACY_CONFIG = {"offline_ratios": [], "seeds": [0], "curve_episodes": 0, "guidance_scales": [],
                  "rollout_episodes": 50, "record_evals": True}
 # What to run may grow on a resumed table (every stage is keyed by its own name, so finished ones
-# stay valid); every other config key shapes the stages and must match.
-WHAT_TO_RUN = ("methods", "offline_ratios", "curve_episodes", "guidance_scales", "record_evals")
+# stay valid), and a fork records where its first stages came from; every other config key shapes the
+# stages and must match.
+WHAT_TO_RUN = ("methods", "offline_ratios", "curve_episodes", "guidance_scales", "record_evals", "forked_from")
 
 
 def stage_config(cfg: dict) -> dict:
@@ -73,6 +81,38 @@ def stage_key(task: str, seed: int, seeds: list[int], stage: str) -> str:
     """A stage's key in state.json. The first seed keeps the plain layout (`<task>/<stage>`), so runs
     made before seeds existed resume; the others' stages sit under `<task>/seed<N>/`."""
     return f"{task}/{stage}" if seed == seeds[0] else f"{task}/seed{seed}/{stage}"
+
+
+def shaped_by_set(stage: str) -> bool:
+    """Whether `--set` (the trainer's config) shapes a stage or a stage folder: the RISE runs and every
+    evaluation of their policies (`rise`, `rise-oracle`, `rise-offline10`, `eval-rise-cfg2`, `curve-rise`, ...)."""
+    name = stage.rsplit("/", 1)[-1]
+    for prefix in ("eval-", "curve-"):
+        name = name.removeprefix(prefix)
+    return name == "rise" or name.startswith("rise-")
+
+
+def fork_table(source: Path, out: Path, cfg: dict) -> None:
+    """Start `out` as a copy of `source`'s stages that `--set` does not shape, with their folders; every
+    other config key must match (the same data, seeds and step counts), so the copied stages are the
+    ones this table would have trained. Paths inside the stages' results are moved to `out`."""
+    import shutil
+
+    old = State(source / "state.json")
+    if (before := old.done("config")) is None:
+        raise typer.BadParameter(f"--fork-from {source}: no state.json with a config there")
+    if {**stage_config(before), "set": {}} != {**stage_config(cfg), "set": {}}:
+        raise typer.BadParameter(f"--fork-from {source} was run with another config than this table's apart from "
+                                 f"--set ({stage_config(before)}); only the RISE runs may differ")
+    stage_folders = {source / key.rsplit("/", 1)[0] for key in old.data if "/" in key}
+
+    def skip(folder: str, names: list[str]) -> list[str]:  # a RISE run's folder, not the files inside a model
+        return [n for n in names if Path(folder) in stage_folders and shaped_by_set(n)]
+    for task in {key.split("/", 1)[0] for key in old.data if "/" in key}:
+        shutil.copytree(source / task, out / task, ignore=skip)
+    kept = {k: v for k, v in old.data.items() if "/" in k and not shaped_by_set(k)}  # (stages: "<task>/...")
+    moved = json.loads(json.dumps(kept).replace(f"{source.resolve()}/", f"{out.resolve()}/"))
+    (out / "state.json").write_text(json.dumps({"config": cfg, **moved}, indent=2) + "\n")
 
 
 class State:
@@ -530,6 +570,8 @@ def main(
                                                  "guidance at these scales, e.g. 2,3."),
     set_: list[str] = typer.Option([], "--set", help="Trainer run config override KEY=VALUE (all tasks and seeds); "
                                  "`{folder}` in VALUE is each task's and seed's own folder."),
+    fork_from: Path = typer.Option(None, help="Start from a copy of this table's stages that --set does not shape "
+                                              "(everything up to the RISE runs): only the RISE runs train again."),
     record_evals: bool = typer.Option(True, help="Keep imitation's and RECAP's evaluation rollouts as LeRobot datasets "
                                                   "(the value-ranking column reads them; about 4x slower evaluations)."),
 ) -> None:
@@ -547,9 +589,13 @@ def main(
     unknown = set(cfg["methods"]) - set(METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
+    if fork_from is not None and not (out / "state.json").exists():  # (a resumed fork goes on from its own state)
+        fork_table(fork_from, out, {**cfg, "forked_from": str(fork_from.resolve())})
     state = State(out / "state.json")
     if (before := state.done("config")) is not None and stage_config(before) != stage_config(cfg):
         raise typer.BadParameter(f"{out} was started with another config ({before}); use a new --out")
+    if before is not None and "forked_from" in before:
+        cfg["forked_from"] = before["forked_from"]
     state.record("config", cfg)
     task_list = tasks.split(",")
     for task in task_list:
