@@ -9,6 +9,11 @@ in the embodiment's action units, per policy version.
     .venv/bin/python bench/guidance_gap.py --store runs/table-peg-insert-side/peg-insert-side/store \
         --version v0002 --version v0008 --data runs/table-peg-insert-side/peg-insert-side/eval-recap \
         --out bench/guidance_gap_peg_insert_side.json
+
+`--against <version>` also measures how far each version's bin-10 chunks moved from that version's
+(e.g. a RISE policy from its RECAP start) on the same frames and noise, beside the spread of that
+version's own chunks under two noise draws: a move well inside the spread changes little an
+evaluation could see.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
          version: list[str] = typer.Option(..., "--version", help="Policy version id or alias (repeat)."),
          data: Path = typer.Option(..., help="LeRobot dataset whose frames are the inputs."),
          frames: int = typer.Option(200, help="Frames, spread evenly over the dataset."),
-         batch: int = typer.Option(25), out: Path = typer.Option(..., help="JSON to write.")) -> None:
+         batch: int = typer.Option(25), out: Path = typer.Option(..., help="JSON to write."),
+         against: str = typer.Option("", help="Also each version's bin-10 distance from this version's "
+                                              "(same frames and noise), and this version's own noise spread.")) -> None:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.registry import Registry
@@ -39,21 +46,37 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
     episodes = load_episodes_in_memory(data, emb)
     picks = np.linspace(0, len(episodes) - 1, frames).astype(int)
     tasks = [episodes.tasks[i] for i in episodes.frame_task_ids[picks]]
-    results = {}
-    for v in version:
+
+    def chunks(v: str, bin_: int, noise_offset: int = 0) -> np.ndarray:
+        """`v`'s chunks [frames, T, D] for every picked frame, prompted with `bin_`; noise seeds batch by batch."""
         policy = load(Registry(store).open("policy", v), emb)  # resolved and verified as the service does
-        gaps = []
+        parts = []
         for a in range(0, frames, batch):
             idx = picks[a:a + batch]
             views = {name: episodes.views[name][idx] for name in emb.views}
-            chunks = {b: policy.act(views, episodes.states[idx], tasks[a:a + batch], np.full(len(idx), b), seed=a,
-                                    guidance_scale=1.0) for b in (0, 10)}
-            gaps.append(np.abs(chunks[10] - chunks[0]).mean(axis=(1, 2)))
-        gap = np.concatenate(gaps)
-        results[v] = {"mean_abs_gap": float(gap.mean()), "median": float(np.median(gap)),
-                      "p90": float(np.quantile(gap, 0.9)), "frames": int(len(gap))}
+            parts.append(policy.act(views, episodes.states[idx], tasks[a:a + batch], np.full(len(idx), bin_),
+                                  seed=a + noise_offset, guidance_scale=1.0))
+        return np.concatenate(parts)
+
+    def summary(diff: np.ndarray) -> dict:
+        per_frame = np.abs(diff).mean(axis=(1, 2))
+        return {"mean_abs": float(per_frame.mean()), "median": float(np.median(per_frame)),
+                "p90": float(np.quantile(per_frame, 0.9)), "frames": int(len(per_frame))}
+
+    reference = chunks(against, 10) if against else None
+    results = {}
+    for v in version:
+        prompted = chunks(v, 10)
+        gap = summary(prompted - chunks(v, 0))
+        results[v] = {"mean_abs_gap": gap["mean_abs"], "median": gap["median"], "p90": gap["p90"], "frames": gap["frames"]}
+        if reference is not None:
+            results[v]["shift_from_" + against] = summary(prompted - reference)
         print(v, json.dumps(results[v]))
-    out.write_text(json.dumps({"store": str(store), "data": str(data), "versions": results}, indent=2) + "\n")
+    report = {"store": str(store), "data": str(data), "versions": results}
+    if reference is not None:  # the same version, the same frames, other noise: how much chunks differ by chance
+        report["noise_spread_" + against] = summary(chunks(against, 10, noise_offset=1_000_000) - reference)
+        print(f"{against} under two noise draws", json.dumps(report["noise_spread_" + against]))
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
