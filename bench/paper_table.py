@@ -95,7 +95,8 @@ def shaped_by_set(stage: str) -> bool:
 def fork_table(source: Path, out: Path, cfg: dict) -> None:
     """Start `out` as a copy of `source`'s stages that `--set` does not shape, with their folders; every
     other config key must match (the same data, seeds and step counts), so the copied stages are the
-    ones this table would have trained. Paths inside the stages' results are moved to `out`."""
+    ones this table would have trained. Paths inside the stages' results are moved to `out`. The copied
+    model store keeps the source's RISE versions (unused: the stages record which version each method is)."""
     import shutil
 
     old = State(source / "state.json")
