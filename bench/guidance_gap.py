@@ -47,9 +47,8 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
     picks = np.linspace(0, len(episodes) - 1, frames).astype(int)
     tasks = [episodes.tasks[i] for i in episodes.frame_task_ids[picks]]
 
-    def chunks(v: str, bin_: int, noise_offset: int = 0) -> np.ndarray:
-        """`v`'s chunks [frames, T, D] for every picked frame, prompted with `bin_`; noise seeds batch by batch."""
-        policy = load(Registry(store).open("policy", v), emb)  # resolved and verified as the service does
+    def chunks(policy, bin_: int, noise_offset: int = 0) -> np.ndarray:
+        """The policy's chunks [frames, T, D] for every picked frame, prompted with `bin_`; noise seeds batch by batch."""
         parts = []
         for a in range(0, frames, batch):
             idx = picks[a:a + batch]
@@ -63,18 +62,25 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
         return {"mean_abs": float(per_frame.mean()), "median": float(np.median(per_frame)),
                 "p90": float(np.quantile(per_frame, 0.9)), "frames": int(len(per_frame))}
 
-    reference = chunks(against, 10) if against else None
+    registry = Registry(store)
+
+    def opened(v: str):  # each version loaded once, resolved and verified as the service does
+        return load(registry.open("policy", v), emb)
+
+    against_policy = opened(against) if against else None
+    reference = chunks(against_policy, 10) if against else None
     results = {}
     for v in version:
-        prompted = chunks(v, 10)
-        gap = summary(prompted - chunks(v, 0))
-        results[v] = {"mean_abs_gap": gap["mean_abs"], "median": gap["median"], "p90": gap["p90"], "frames": gap["frames"]}
+        policy = opened(v)
+        prompted = chunks(policy, 10)
+        gap = summary(prompted - chunks(policy, 0))
+        results[v] = {"mean_abs_gap": gap.pop("mean_abs"), **gap}  # (the key earlier reports used)
         if reference is not None:
             results[v]["shift_from_" + against] = summary(prompted - reference)
         print(v, json.dumps(results[v]))
     report = {"store": str(store), "data": str(data), "versions": results}
     if reference is not None:  # the same version, the same frames, other noise: how much chunks differ by chance
-        report["noise_spread_" + against] = summary(chunks(against, 10, noise_offset=1_000_000) - reference)
+        report["noise_spread_" + against] = summary(chunks(against_policy, 10, noise_offset=1_000_000) - reference)
         print(f"{against} under two noise draws", json.dumps(report["noise_spread_" + against]))
     out.write_text(json.dumps(report, indent=2) + "\n")
 
