@@ -27,6 +27,9 @@ Per task, the same data and evaluation seeds for every method:
   rise-oracle the same with the simulator as the world model (the upper bound for learned
               imagination: separates world-model error from the rest); it returns the frames the
               learned model predicts (the tier's `frame_stride`), so both are scored on the same ticks
+  rise-oracle-judge  the simulator as the world model and as the judge: MetaWorld's shaped reward
+              (`services/value/oracle.py`) scores each chunk's end state instead of the value model
+              (separates value-model error from what the improvement step itself can do)
   eval        every policy through `rise eval` on held-out layouts, prompted with the best bin;
               Wilson 95% intervals
   curve       with `--curve-episodes N`: every version a RISE run published, N episodes each
@@ -60,7 +63,7 @@ import typer
 
 app = typer.Typer(add_completion=False)
 METHODS = ("imitation", "recap", "recap-rollouts", "recap-rollouts-outcome", "recap-continued", "rise",
-           "rise-oracle")
+           "rise-oracle", "rise-oracle-judge")
 # The evaluations whose rollouts are written as LeRobot datasets.
 RECORDED_EVALS = ("imitation", "recap")
 # Keys added to the run config after runs were made: their values for an older state.json.
@@ -153,7 +156,7 @@ class PolicyServer:
 
 
 def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> dict:
-    from rise.baselines import publish_oracle_dynamics
+    from rise.baselines import publish_oracle_dynamics, publish_oracle_value
     from rise.data.collect import collect
     from rise.embodiment import PRESETS
     from rise.registry import Registry
@@ -252,6 +255,8 @@ def run_task(task: str, seed: int, out: Path, state: State, cfg: dict, log) -> d
                 registry, emb, frame_stride=load_dynamics_config(cfg["tier"]).frame_stride).version
             registry.set_alias("dynamics", "stable", world)
             overrides = {"learner.offline_ratio": ratio} if ratio is not None else {}
+            if method == "rise-oracle-judge":
+                overrides["rollout.value_version"] = publish_oracle_value(registry, emb).version
             return run_rise(task, method, seed, folder, registry, labelled, cfg, overrides, log)
         versions[method] = stage(method, rise_run)["version"]
 
@@ -305,7 +310,8 @@ def guided(method: str, scale: float) -> str:
 
 def rise_methods(cfg: dict) -> dict[str, tuple[str, float | None]]:
     """RISE runs asked for: method -> (world model "learned" | "oracle", offline ratio or None = config's)."""
-    runs = {m: ("learned" if m == "rise" else "oracle", None) for m in cfg["methods"] if m in ("rise", "rise-oracle")}
+    runs = {m: ("learned" if m == "rise" else "oracle", None) for m in cfg["methods"]
+            if m in ("rise", "rise-oracle", "rise-oracle-judge")}
     runs |= {f"rise-offline{round(100 * r)}": ("learned", float(r)) for r in cfg["offline_ratios"]}
     return runs
 

@@ -43,6 +43,14 @@ def publish_scripted_expert(registry: Registry, embodiment: Embodiment) -> Manif
                                 config=scripted_expert.config())
 
 
+def publish_oracle_value(registry: Registry, embodiment: Embodiment) -> Manifest:
+    """MetaWorld's shaped reward as a value version (no weights; privileged: reads sim_states)."""
+    from services.value import oracle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return registry.publish("value", tmp, kind=oracle.KIND, embodiment=embodiment.model_dump(), config=oracle.config())
+
+
 def publish_oracle_dynamics(registry: Registry, embodiment: Embodiment, frame_stride: int = 1) -> Manifest:
     """The MetaWorld simulator as a dynamics version (no weights; privileged: reads sim_state).
 

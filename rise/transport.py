@@ -476,8 +476,11 @@ class ValueClient(_Client):
 
     @abc.abstractmethod
     async def score(self, frames: Mapping[str, np.ndarray], tasks: Sequence[str], *, version: str = "",
-                    timeout_s: float | None = None) -> Scores:
-        """frames {view: uint8 [B, F, H, W, 3]}, B tasks -> Scores (float32 [B, F] in [-1, 1])."""
+                    sim_states: np.ndarray | None = None, timeout_s: float | None = None) -> Scores:
+        """frames {view: uint8 [B, F, H, W, 3]}, B tasks -> Scores (float32 [B, F] in [-1, 1]).
+
+        `sim_states` float64 [B, F, n]: the simulator state at every frame, which only a privileged
+        (oracle) value model reads, and needs."""
 
 
 class GrpcValue(_GrpcClient, ValueClient):
@@ -489,12 +492,17 @@ class GrpcValue(_GrpcClient, ValueClient):
         super().__init__(config)
         self._stub = value_pb2_grpc.ValueServiceStub(self._channel)
 
-    async def score(self, frames, tasks, *, version="", timeout_s=None):
+    async def score(self, frames, tasks, *, version="", sim_states=None, timeout_s=None):
         from rise.proto.v1 import common_pb2, value_pb2
         from rise.tensors import to_tensor
 
-        batch, _ = _check_score(frames, tasks)
+        batch, count = _check_score(frames, tasks)
+        if sim_states is not None and (np.ndim(sim_states) != 3 or np.shape(sim_states)[:2] != (batch, count)):
+            raise InvalidArgument(f"sim_states must be float64 [B={batch}, F={count}, n], got {list(np.shape(sim_states))}")
         items = [value_pb2.ScoreItem(frames={v: to_tensor(f[b]) for v, f in frames.items()}, task=tasks[b]) for b in range(batch)]
+        if sim_states is not None:
+            for item, states in zip(items, sim_states):
+                item.sim_states.CopyFrom(to_tensor(np.asarray(states, np.float64)))
         reply = await self._call(self._stub.Score, value_pb2.ScoreRequest(items=items, model=common_pb2.ModelRef(version=version)),
                                  timeout_s)
         return Scores(np.array([list(r.values) for r in reply.results], np.float32), reply.meta.version)
@@ -507,10 +515,13 @@ class TritonValue(_TritonClient, ValueClient):
     def __init__(self, address: str, model: str = "value", config: ClientConfig | None = None):
         super().__init__(address, model, config)
 
-    async def score(self, frames, tasks, *, version="", timeout_s=None):
+    async def score(self, frames, tasks, *, version="", sim_states=None, timeout_s=None):
         from rise.triton_binding import encode_strings
 
         batch, count = _check_score(frames, tasks)
+        if sim_states is not None:
+            raise InvalidArgument("sim_states: the Triton value adapter serves learned models only; the oracle value "
+                                  "(which reads simulator states) is served over gRPC")
         inputs = [_triton_input(_frames_input(v), np.reshape(f, (batch * count, *np.shape(f)[2:]))) for v, f in frames.items()]
         inputs.append(_triton_input("task", encode_strings([t for t in tasks for _ in range(count)])))
         result, answered = await self._infer(inputs, ["value"], version, timeout_s)

@@ -9,7 +9,7 @@ import typer
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-from paper_table import fork_table, stage_config, stage_key, trainer_overrides  # noqa: E402
+from paper_table import fork_table, rise_methods, shaped_by_set, stage_config, stage_key, trainer_overrides  # noqa: E402
 
 sys.path.remove(str(BENCH))
 
@@ -26,6 +26,13 @@ def test_each_seed_starts_imagination_from_its_own_rollouts(tmp_path):
         assert run.learner.offline_ratio == 0.1
     assert given["start_data"] == '["{folder}/rollouts-recap"]'  # the table's config keeps the placeholder
     assert trainer_overrides({"x": '{"a": 1}'}, tmp_path) == {"x": '{"a": 1}'}  # other braces are left alone
+
+
+def test_the_oracle_judge_is_a_rise_run_with_the_simulator_as_world_model_that_a_fork_trains_again():
+    cfg = {"methods": ["imitation", "recap", "rise-oracle", "rise-oracle-judge"], "offline_ratios": [0.3]}
+    assert rise_methods(cfg) == {"rise-oracle": ("oracle", None), "rise-oracle-judge": ("oracle", None),
+                                 "rise-offline30": ("learned", 0.3)}
+    assert shaped_by_set("peg-insert-side/rise-oracle-judge") and shaped_by_set("peg-insert-side/eval-rise-oracle-judge")
 
 
 def test_a_fork_copies_every_stage_but_the_rise_runs_and_moves_their_paths(tmp_path):

@@ -15,6 +15,7 @@ reproduces the same frames exactly, which the oracle world model relies on.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,25 @@ def _env_name(task: str) -> str:
 def task_text(task: str) -> str:
     """The instruction text that goes with a task in datasets and requests."""
     return task.removesuffix("-v3").replace("-", " ")
+
+
+def task_for_request(index: int, text: str) -> str:
+    """The task item `index` of a request names by `text` (its instruction text, as in datasets, or the
+    task name itself); InvalidArgument when it names none."""
+    from rise.errors import InvalidArgument
+
+    task = _tasks_by_text().get(text.strip())
+    if task is None:
+        raise InvalidArgument(f"items[{index}].task: {text!r} is not a MetaWorld task; the oracle knows the texts of "
+                              f"rise.sim.metaworld_sim.task_text, e.g. 'push', 'pick place', 'peg insert side' "
+                              f"({len(task_names())} tasks)")
+    return task
+
+
+@functools.cache
+def _tasks_by_text() -> dict[str, str]:
+    names = task_names()
+    return {**{n: n for n in names}, **{task_text(n): n for n in names}}
 
 
 def expert_policy(task: str):
@@ -161,6 +181,18 @@ class MetaWorldSim:
         self._shown_prev = raw[18:36].copy()
         views = self.render() if render and self.renderer else {}
         return Frame(views, raw[:4].astype(np.float32), raw, self._success, self.get_state())
+
+    # The gripper command the reward is computed with: MetaWorld's reward also reads the action (its gripper
+    # effort), and a state alone has none; "closing" credits a caged object as held.
+    _REWARD_ACTION = np.array([0.0, 0.0, 0.0, 1.0])
+
+    def shaped_reward(self, raw_obs: np.ndarray) -> float:
+        """MetaWorld's own shaped reward for the current state and its observation `raw_obs`, in [0, 10]:
+        10 once the episode has succeeded (the sticky flag), else the task's reward with the gripper closing."""
+        if self._success:
+            return 10.0
+        reward, _ = self.env.evaluate_state(raw_obs, self._REWARD_ACTION)
+        return float(reward)
 
     def render(self) -> dict[str, np.ndarray]:
         views = {}

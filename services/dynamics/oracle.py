@@ -101,13 +101,9 @@ class OracleDynamics:
                                      f"has action_dim {embodiment.action_dim}")
         if frame_stride < 1 or embodiment.chunk_length % frame_stride:
             raise FailedPrecondition(f"oracle frame_stride {frame_stride} must divide chunk_length {embodiment.chunk_length}")
-        from rise.sim.metaworld_sim import task_names, task_text
-
         self.embodiment = embodiment
         self.frame_stride = frame_stride
         self.future_frames = embodiment.chunk_length // frame_stride
-        # Task text (as in datasets) -> task; task names themselves are accepted too.
-        self.task_by_text = {**{n: n for n in task_names()}, **{task_text(n): n for n in task_names()}}
         self._sims: dict[str, _TaskSim] = {}
         self._sims_lock = threading.Lock()
 
@@ -157,12 +153,9 @@ class OracleDynamics:
 
     # ---- helpers ----------------------------------------------------------------------------
     def _task(self, index: int, text: str) -> str:
-        task = self.task_by_text.get(text.strip())
-        if task is None:
-            raise InvalidArgument(f"items[{index}].task: {text!r} is not a MetaWorld task; the oracle knows the texts of "
-                                  f"rise.sim.metaworld_sim.task_text, e.g. 'push', 'pick place', 'peg insert side' "
-                                  f"({len(set(self.task_by_text.values()))} tasks)")
-        return task
+        from rise.sim.metaworld_sim import task_for_request
+
+        return task_for_request(index, text)
 
     def _sim(self, task: str) -> _TaskSim:
         with self._sims_lock:  # held while a simulator is made (seconds): simple, and only once per task

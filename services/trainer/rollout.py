@@ -8,6 +8,7 @@ batched call per service (the services see batches, not a trickle of single requ
     dynamics.imagine(frame history, chunk)                    -> imagined frames
     (lookahead_chunks > 0: the policy goes on in imagination from the chunk's last frame)
     value.score([current frame, imagined frames])             -> V
+    (the oracle value, MetaWorld's shaped reward: [current, last imagined] with their simulator states)
     A = clamp(5 * mean(V(imagined) - V(current)), -1, 1), bin = digitize(A)   -> replay stream
 
 Workers come in groups of `group_size` that start from the same real state; with groups, a
@@ -142,6 +143,13 @@ def dynamics_shape(registry, ref: str, chunk_length: int) -> DynamicsShape:
     return DynamicsShape(int(config.get("history", 1)), max(1, stride), manifest.kind == ORACLE_KIND)
 
 
+def value_reads_sim_state(registry, ref: str) -> bool:
+    """Whether the value version (the registry the services share) is the oracle, which scores simulator states."""
+    from services.value.oracle import KIND as ORACLE_VALUE_KIND
+
+    return registry.manifest("value", registry.resolve("value", ref or "stable")).kind == ORACLE_VALUE_KIND
+
+
 def start_states(episodes: EpisodesInMemory, shape: DynamicsShape) -> "StartStates":
     """Start states over `episodes`; for privileged (oracle) dynamics, with their recorded simulator states."""
     from rise.data.loading import episode_sim_states
@@ -197,8 +205,13 @@ class Rollouts:
     """Runs `config.workers` imagined episodes in lock-step rounds; `round()` returns encoded samples."""
 
     def __init__(self, config: RolloutConfig, services: ServicesConfig, clients, starts: StartStates, run_id: str,
-                 seed: int = 0, log=print):
+                 seed: int = 0, log=print, value_reads_sim_state: bool = False):
         self.config, self.services, self.starts, self.run_id, self.log = config, services, starts, run_id, log
+        # The oracle value scores simulator states, which only the oracle dynamics returns: it judges a chunk by the
+        # states at its start and its end (the value gain is end minus start), not every imagined frame.
+        if value_reads_sim_state and not starts.shape.needs_sim_state:
+            raise ValueError("the oracle value scores simulator states: it needs the oracle dynamics (rollout.dynamics_version)")
+        self.value_reads_sim_state = value_reads_sim_state
         self.policy, self.dynamics, self.value = clients
         self.rng = np.random.default_rng([seed, 7])
         self.workers = [w for _ in range(config.workers // config.group_size) for w in self._draw_group()]
@@ -259,13 +272,17 @@ class Rollouts:
             self.dynamics, history, chunks.actions, cfg.dynamics_steps, seed, cfg.group_size, cfg.common_noise,
             version=cfg.dynamics_version, tasks=tasks, sim_states=sim_states, timeout_s=timeout))
         t2 = time.perf_counter()
-        future = imagined.frames
+        future, end_states = imagined.frames, imagined.sim_states
         if cfg.lookahead_chunks:
-            future = await self._look_ahead(history, imagined, states, tasks, seed, policy_version)
+            future, end_states = await self._look_ahead(history, imagined, states, tasks, seed, policy_version)
         t_look = time.perf_counter()
+        scored_states = None
+        if self.value_reads_sim_state:
+            future = {v: f[:, -1:] for v, f in future.items()}
+            scored_states = np.stack([np.stack([w.sim_state, end]) for w, end in zip(workers, end_states)])
         scored = {v: np.concatenate([current[v][:, None], future[v]], axis=1) for v in views}
         scores = await self._call("value.score", lambda: self.value.score(
-            scored, tasks, version=cfg.value_version, timeout_s=timeout))
+            scored, tasks, version=cfg.value_version, sim_states=scored_states, timeout_s=timeout))
         t3 = time.perf_counter()
         values = np.asarray(scores.values, np.float32)
         adv, bins = advantage(values[:, 0], values[:, 1:], cfg.advantage_scale, cfg.group_size)
@@ -304,10 +321,11 @@ class Rollouts:
         return payloads
 
     async def _look_ahead(self, history: dict[str, np.ndarray], imagined: Imagination, states: np.ndarray,
-                          tasks: list[str], seed: int, policy_version: str) -> dict[str, np.ndarray]:
+                          tasks: list[str], seed: int, policy_version: str) -> tuple[dict[str, np.ndarray], list]:
         """The policy goes on for `lookahead_chunks` more imagined chunks after each proposal (the
         robot state stays the real start's, as in chains); -> every imagined frame, the proposal's
-        first: {view: uint8 [B, F * (1 + lookahead_chunks), H, W, 3]}."""
+        first: {view: uint8 [B, F * (1 + lookahead_chunks), H, W, 3]}, and the simulator states at the
+        end (oracle dynamics; else Nones)."""
         cfg, keep, timeout = self.config, self.starts.shape.history, self.services.timeout_s
         frames = {v: [f] for v, f in imagined.frames.items()}
         sim_states = imagined.sim_states if self.starts.shape.needs_sim_state else None
@@ -324,7 +342,7 @@ class Rollouts:
             sim_states = step.sim_states if sim_states is not None else None
             for v in frames:
                 frames[v].append(step.frames[v])
-        return {v: np.concatenate(parts, axis=1) for v, parts in frames.items()}
+        return {v: np.concatenate(parts, axis=1) for v, parts in frames.items()}, step.sim_states
 
 
 async def open_clients(services: ServicesConfig):

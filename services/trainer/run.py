@@ -165,7 +165,7 @@ class TrainerRun:
         from rise.sim.metaworld_sim import task_names
         from rise.transport import parse_url
         from services.trainer.gate import Gate
-        from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, run_start_states
+        from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, run_start_states, value_reads_sim_state
 
         cfg = self.config
         if not cfg.data:
@@ -198,7 +198,8 @@ class TrainerRun:
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         starts = await asyncio.to_thread(run_start_states, cfg, episodes, embodiment, shape)
         rollouts = Rollouts(cfg.rollout, cfg.services, (policy, dynamics, value), starts, self.run_id,
-                            seed=cfg.learner.seed + learner.step, log=self.log)
+                            seed=cfg.learner.seed + learner.step, log=self.log,
+                            value_reads_sim_state=value_reads_sim_state(registry, cfg.rollout.value_version))
         self.status.imagined_samples = int((await asyncio.to_thread(replay.stats))["inserted"])
         gates: list[asyncio.Task] = []
 

@@ -40,7 +40,7 @@ async def run_worker(trainer: str, run_id: str, worker_id: str = "", overrides: 
     from rise.transport import call_with_retries, parse_url
     from services.trainer.config import RunConfig
     from services.trainer.replay import ReplayQueue
-    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, run_start_states
+    from services.trainer.rollout import Rollouts, dynamics_shape, open_clients, run_start_states, value_reads_sim_state
     from services.trainer.server import _STATES
 
     worker_id = worker_id or f"{socket.gethostname()}-{id(object()) % 10_000}"
@@ -74,10 +74,12 @@ async def run_worker(trainer: str, run_id: str, worker_id: str = "", overrides: 
         config = RunConfig.model_validate(data)
         embodiment = load_embodiment(config.embodiment)
         episodes = await asyncio.to_thread(load_episodes_in_memory, config.data, embodiment)
-        shape = dynamics_shape(Registry(config.registry_root), config.rollout.dynamics_version, embodiment.chunk_length)
+        registry = Registry(config.registry_root)
+        shape = dynamics_shape(registry, config.rollout.dynamics_version, embodiment.chunk_length)
         clients = list(await open_clients(config.services))
         starts = await asyncio.to_thread(run_start_states, config, episodes, embodiment, shape)
-        rollouts = Rollouts(config.rollout, config.services, tuple(clients), starts, run_id, seed=current.seed, log=log)
+        rollouts = Rollouts(config.rollout, config.services, tuple(clients), starts, run_id, seed=current.seed, log=log,
+                            value_reads_sim_state=value_reads_sim_state(registry, config.rollout.value_version))
         replay = ReplayQueue(config.replay, current.replay_stream)
         await asyncio.to_thread(replay.ensure_group)
         log(f"worker {worker_id}: rolling out for run {run_id} ({states[current.run.state]}), candidate "

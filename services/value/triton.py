@@ -19,7 +19,8 @@ class ValueTriton(TritonAdapter):
       outputs  value          FP32  [B, 1]         in [-1, 1]
                version, error BYTES [B, 1]         (every adapter)
 
-    Every kind in `services.value.server.KINDS` works (linear, the learned progress value). Triton's
+    Every kind in `services.value.server.KINDS` works (linear, the learned progress value) except the
+    oracle, which scores simulator states these tensors do not carry (serve it over gRPC). Triton's
     dynamic batcher merges requests; here they are packed into model calls of at most
     `batching.max_batch_size` frames, never splitting a request, and a bad request fails alone.
     """
@@ -28,9 +29,9 @@ class ValueTriton(TritonAdapter):
 
     @classmethod
     def kinds(cls) -> dict[str, Any]:
-        from services.value import server
+        from services.value import oracle, server
 
-        return server.KINDS
+        return {kind: load for kind, load in server.KINDS.items() if kind != oracle.KIND}
 
     @classmethod
     def config_class(cls) -> type:

@@ -27,7 +27,7 @@ from . import common_pb2 as rise_dot_v1_dot_common__pb2
 from . import tensor_pb2 as rise_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rise/v1/value.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\x1a\x14rise/v1/tensor.proto\"\x89\x01\n\tScoreItem\x12.\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1e.rise.v1.ScoreItem.FramesEntry\x12\x0c\n\x04task\x18\x02 \x01(\t\x1a>\n\x0b\x46ramesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\"S\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rise.v1.ScoreItem\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\"\x1d\n\x0bScoreResult\x12\x0e\n\x06values\x18\x01 \x03(\x02\"[\n\rScoreResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rise.v1.ScoreResult\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta2F\n\x0cValueService\x12\x36\n\x05Score\x12\x15.rise.v1.ScoreRequest\x1a\x16.rise.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rise/v1/value.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\x1a\x14rise/v1/tensor.proto\"\xae\x01\n\tScoreItem\x12.\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1e.rise.v1.ScoreItem.FramesEntry\x12\x0c\n\x04task\x18\x02 \x01(\t\x12#\n\nsim_states\x18\x03 \x01(\x0b\x32\x0f.rise.v1.Tensor\x1a>\n\x0b\x46ramesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\"S\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rise.v1.ScoreItem\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\"\x1d\n\x0bScoreResult\x12\x0e\n\x06values\x18\x01 \x03(\x02\"[\n\rScoreResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rise.v1.ScoreResult\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta2F\n\x0cValueService\x12\x36\n\x05Score\x12\x15.rise.v1.ScoreRequest\x1a\x16.rise.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREITEM_FRAMESENTRY']._loaded_options = None
   _globals['_SCOREITEM_FRAMESENTRY']._serialized_options = b'8\001'
   _globals['_SCOREITEM']._serialized_start=77
-  _globals['_SCOREITEM']._serialized_end=214
-  _globals['_SCOREITEM_FRAMESENTRY']._serialized_start=152
-  _globals['_SCOREITEM_FRAMESENTRY']._serialized_end=214
-  _globals['_SCOREREQUEST']._serialized_start=216
-  _globals['_SCOREREQUEST']._serialized_end=299
-  _globals['_SCORERESULT']._serialized_start=301
-  _globals['_SCORERESULT']._serialized_end=330
-  _globals['_SCORERESPONSE']._serialized_start=332
-  _globals['_SCORERESPONSE']._serialized_end=423
-  _globals['_VALUESERVICE']._serialized_start=425
-  _globals['_VALUESERVICE']._serialized_end=495
+  _globals['_SCOREITEM']._serialized_end=251
+  _globals['_SCOREITEM_FRAMESENTRY']._serialized_start=189
+  _globals['_SCOREITEM_FRAMESENTRY']._serialized_end=251
+  _globals['_SCOREREQUEST']._serialized_start=253
+  _globals['_SCOREREQUEST']._serialized_end=336
+  _globals['_SCORERESULT']._serialized_start=338
+  _globals['_SCORERESULT']._serialized_end=367
+  _globals['_SCORERESPONSE']._serialized_start=369
+  _globals['_SCORERESPONSE']._serialized_end=460
+  _globals['_VALUESERVICE']._serialized_start=462
+  _globals['_VALUESERVICE']._serialized_end=532
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreItem(_message.Message):
-    __slots__ = ("frames", "task")
+    __slots__ = ("frames", "task", "sim_states")
     class FramesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -20,9 +20,11 @@ class ScoreItem(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    SIM_STATES_FIELD_NUMBER: _ClassVar[int]
     frames: _containers.MessageMap[str, _tensor_pb2.Tensor]
     task: str
-    def __init__(self, frames: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., task: _Optional[str] = ...) -> None: ...
+    sim_states: _tensor_pb2.Tensor
+    def __init__(self, frames: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., task: _Optional[str] = ..., sim_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("items", "model")
