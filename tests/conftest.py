@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,25 @@ from rise.registry import Registry
 from rise.tensors import to_tensor
 
 EMB: Embodiment = PRESETS["metaworld"]
+
+
+@contextlib.contextmanager
+def served(start, config):
+    """A service (`start(config)`, e.g. services.value.server.start) on 127.0.0.1 in its own thread and
+    event loop, so that sync test code (gRPC stubs, the CLI, asyncio.run) can call it; -> its RunningServer."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        running = asyncio.run_coroutine_threadsafe(start(config), loop).result(120)
+        try:
+            yield running
+        finally:
+            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 @pytest.fixture

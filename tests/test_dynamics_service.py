@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from conftest import EMB
+from conftest import EMB, served
 from rise.baselines import publish_baseline, publish_oracle_dynamics
 from rise.batching import Batcher, BatchingConfig
 from rise.errors import InvalidArgument
@@ -55,18 +55,11 @@ def server(tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("dynamics") / "store")
     registry.set_alias("dynamics", "stable", publish_baseline(registry, "dynamics", EMB).version)
     registry.set_alias("dynamics", "oracle", publish_oracle_dynamics(registry, EMB).version)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = DynamicsConfig(registry_root=registry.root, preload=["stable", "oracle"],
                             batching=BatchingConfig(max_batch_size=8, max_wait_ms=WAIT_MS),
                             server=ServerConfig(port=0, log_json=False))
-    running = asyncio.run_coroutine_threadsafe(start(config), loop).result(60)
-    yield running
-    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with served(start, config) as running:
+        yield running
 
 
 @pytest.fixture

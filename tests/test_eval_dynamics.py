@@ -9,9 +9,7 @@ dataset ticks: a wrong mapping could not reproduce the re-rendered frames exactl
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import EMB
+from conftest import EMB, served
 from rise.baselines import publish_baseline, publish_oracle_dynamics
 from rise.batching import BatchingConfig
 from rise.registry import Registry
@@ -54,18 +52,11 @@ def server(tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("eval-dynamics-store") / "store")
     registry.set_alias("dynamics", "stable", publish_baseline(registry, "dynamics", EMB).version)
     registry.set_alias("dynamics", "oracle", publish_oracle_dynamics(registry, EMB, frame_stride=2).version)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = DynamicsConfig(registry_root=registry.root, preload=["stable", "oracle"],
                             batching=BatchingConfig(max_batch_size=8, max_wait_ms=5),
                             server=ServerConfig(port=0, log_json=False))
-    running = asyncio.run_coroutine_threadsafe(start(config), loop).result(60)
-    yield running
-    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with served(start, config) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

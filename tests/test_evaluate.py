@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import grpc
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import EMB
+from conftest import EMB, served
 from rise.baselines import publish_baseline, publish_scripted_expert
 from rise.proto.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from rise.registry import Registry
@@ -32,16 +30,9 @@ def server(tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("eval") / "store")
     registry.set_alias("policy", "stable", publish_baseline(registry, "policy", EMB).version)
     registry.set_alias("policy", "expert", publish_scripted_expert(registry, EMB).version)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = PolicyConfig(registry_root=registry.root, preload=["stable", "expert"], server=ServerConfig(port=0, log_json=False))
-    running = asyncio.run_coroutine_threadsafe(start(config), loop).result(60)
-    yield running
-    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with served(start, config) as running:
+        yield running
 
 
 def test_wilson_interval_reference_values():
@@ -95,9 +86,9 @@ def test_served_chunk_is_the_closed_loop_expert(server):
     frame = sim.reset(eval_seed(0, 3))
     reply = _act(server, _sim_observation("push", frame.sim_state))
     assert reply.meta.version == "v0002"
-    served = from_tensor(reply.chunk.actions, "actions", "float32", (EMB.chunk_length, EMB.action_dim))
+    chunk = from_tensor(reply.chunk.actions, "actions", "float32", (EMB.chunk_length, EMB.action_dim))
     expert = expert_policy("push")
-    for action in served:  # the exact restore makes the open-loop chunk what closed loop would do
+    for action in chunk:  # the exact restore makes the open-loop chunk what closed loop would do
         np.testing.assert_array_equal(action, np.clip(expert.get_action(frame.raw_obs), -1, 1).astype(np.float32))
         frame = sim.step(action)
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import EMB
+from conftest import EMB, served
 from rise.baselines import publish_baseline
 from rise.batching import BatchingConfig
 from rise.proto.v1 import common_pb2, value_pb2, value_pb2_grpc
@@ -81,18 +80,11 @@ def server(trained):
     from services.value.server import ValueConfig, start
 
     _, _, registry = trained
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = ValueConfig(registry_root=registry.root, preload=["stable", "latest"], default_alias="latest",
                          batching=BatchingConfig(max_batch_size=8, max_wait_ms=100),
                          server=ServerConfig(port=0, log_json=False))
-    running = asyncio.run_coroutine_threadsafe(start(config), loop).result(60)
-    yield running
-    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with served(start, config) as running:
+        yield running
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ running simulator computed at each step (same gripper command), ending at 1 on s
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import EMB
+from conftest import EMB, served
 from rise.baselines import publish_baseline, publish_oracle_value
 from rise.errors import InvalidArgument
 from rise.proto.v1 import common_pb2, value_pb2, value_pb2_grpc
@@ -53,16 +53,9 @@ def server(tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("value") / "store")
     registry.set_alias("value", "stable", publish_baseline(registry, "value", EMB).version)
     registry.set_alias("value", "oracle", publish_oracle_value(registry, EMB).version)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = ValueConfig(registry_root=registry.root, preload=["stable", "oracle"], server=ServerConfig(port=0, log_json=False))
-    running = asyncio.run_coroutine_threadsafe(start(config), loop).result(60)
-    yield running
-    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with served(start, config) as running:
+        yield running
 
 
 def item(episode, steps, sim_states=None, task: str = task_text(TASK)) -> value_pb2.ScoreItem:
@@ -137,22 +130,13 @@ def test_trainer_judges_each_chunk_by_the_reward_at_its_start_and_end(tmp_path):
         Rollouts(RolloutConfig(), ServicesConfig(), (None, None, None),
                  start_states(episodes, dynamics_shape(registry, "stable", EMB.chunk_length)), "t", value_reads_sim_state=True)
 
-    from rise.serving import ServerConfig
     from rise.services import service
 
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    running = {}
-    for name in ("policy", "value", "dynamics"):
-        config_cls, start_service = service(name)
-        config = config_cls(registry_root=registry.root, torch_threads=1, server=ServerConfig(port=0, log_json=False))
-        running[name] = asyncio.run_coroutine_threadsafe(start_service(config), loop).result(120)
     rollout = RolloutConfig(workers=4, group_size=2, max_chain=2, policy_version="stable",
                             dynamics_version=oracle_dynamics, value_version=oracle_value)
-    services = ServicesConfig(**{name: f"grpc://{r.address}" for name, r in running.items()})
     starts = start_states(episodes, dynamics_shape(registry, oracle_dynamics, EMB.chunk_length))
 
-    async def two_rounds():
+    async def two_rounds(services: ServicesConfig):
         clients = await open_clients(services)
         try:
             rollouts = Rollouts(rollout, services, clients, starts, "oracle-judge", seed=1, value_reads_sim_state=True)
@@ -165,12 +149,13 @@ def test_trainer_judges_each_chunk_by_the_reward_at_its_start_and_end(tmp_path):
             for client in clients:
                 await client.close()
 
-    try:
-        rounds = asyncio.run(two_rounds())
-    finally:
-        for r in running.values():
-            asyncio.run_coroutine_threadsafe(r.stop(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name in ("policy", "value", "dynamics"):
+            config_cls, start_service = service(name)
+            config = config_cls(registry_root=registry.root, torch_threads=1, server=ServerConfig(port=0, log_json=False))
+            urls[name] = f"grpc://{stack.enter_context(served(start_service, config)).address}"
+        rounds = asyncio.run(two_rounds(ServicesConfig(**urls)))
     sim = MetaWorldSim(TASK, EMB, max_steps=1_000_000, render=False)
     try:
         for begin, samples in rounds:
