@@ -19,6 +19,9 @@ better, the step is.
     .venv/bin/python bench/judge_planning.py --store runs/table-pick-place/pick-place/store --task pick-place \\
         --policy v0002 --value v0001 --groups 1,4,8 --out bench/judge_planning_pick_place.json
 
+`--value oracle` judges by MetaWorld's own shaped reward at the chunk's end instead (services/value/oracle.py):
+the same planning with no value-model error, what a perfect-by-design judge's picks are worth.
+
 Layouts: evaluation seed 1 (`--eval-seed`), the paper table's held-out layouts. Resumable: every
 finished G is kept in --out and skipped when run again. Writes --out (JSON) and a PNG next to it.
 Runs with other policy-noise seeds (--seed) and tasks pool into one table and plot:
@@ -62,13 +65,15 @@ class Episode:
 
 
 async def plan(urls: dict, shape, task: str, episodes: int, eval_seed: int, group: int, policy: str, value: str,
-               oracle: str, max_steps: int, batch_rows: int, seed: int, log) -> list[Episode]:
-    """Every episode to its end, all in lock-step decisions; best of `group` by the judge."""
+               oracle: str, max_steps: int, batch_rows: int, seed: int, log, value_reads_sim_state: bool = False
+               ) -> list[Episode]:
+    """Every episode to its end, all in lock-step decisions; best of `group` by the judge (the oracle value,
+    MetaWorld's shaped reward, when `value_reads_sim_state`)."""
     from rise.embodiment import PRESETS
     from rise.sim.evaluate import eval_seed as layout_seed
     from rise.sim.metaworld_sim import MetaWorldSim, task_text
     from rise.transport import connect_dynamics, connect_policy, connect_value
-    from services.trainer.rollout import group_best, imagine_groups, value_gain
+    from services.trainer.rollout import group_best, imagine_groups, judge, value_gain
 
     emb = PRESETS["metaworld"]
     sim = MetaWorldSim(task, emb, max_steps=max_steps)
@@ -96,9 +101,10 @@ async def plan(urls: dict, shape, task: str, episodes: int, eval_seed: int, grou
                     imagined = await imagine_groups(dyn, history, chunks.actions, 0, step_seed, group, True,
                                                     version=oracle, tasks=[text] * len(rows),
                                                     sim_states=[ep.sim_state for ep in rows], timeout_s=600)
-                    scored = {v: np.concatenate([views[v][:, None], imagined.frames[v]], axis=1) for v in emb.views}
-                    values = np.asarray((await val.score(scored, [text] * len(rows), version=value,
-                                                         timeout_s=600)).values, np.float32)
+                    starts = [ep.sim_state for ep in rows] if value_reads_sim_state else None
+                    values = np.asarray((await judge(val, views, imagined.frames, [text] * len(rows), version=value,
+                                                     start_states=starts, end_states=imagined.sim_states,
+                                                     timeout_s=600)).values, np.float32)
                     gains = value_gain(values[:, 0], values[:, 1:])
                     pick = group_best(gains, group)
                 for k, ep in enumerate(part):
@@ -243,7 +249,8 @@ def main(
     store: Path = typer.Option(None, help="Registry with the policy and value versions (a paper-table task's store)."),
     task: str = typer.Option("", help="MetaWorld task."),
     policy: str = typer.Option("stable", help="Policy version or alias (the RL start: the RECAP policy)."),
-    value: str = typer.Option("stable", help="Value version or alias (the trainer's judge)."),
+    value: str = typer.Option("stable", help="Value version or alias (the trainer's judge); 'oracle': MetaWorld's "
+                              "shaped reward (services/value/oracle.py), published in the store if it has none."),
     groups: str = typer.Option("1,4,8", help="Chunks proposed per decision, one arm each (1 = the policy alone)."),
     episodes: int = typer.Option(50, min=1),
     eval_seed: int = typer.Option(1, help="Layouts 2**32 + 100000 * eval_seed + episode (the paper table's)."),
@@ -263,12 +270,12 @@ def main(
                                  for t, v in tasks.items()}, indent=2))
     if store is None or not task:
         raise typer.BadParameter("--store and --task are required to measure (--pool works without them)")
-    from rise.baselines import publish_oracle_dynamics
+    from rise.baselines import publish_oracle_dynamics, publish_oracle_value
     from rise.embodiment import PRESETS
     from rise.registry import Registry
     from services.dynamics.model import load_model_config
     from services.dynamics.oracle import KIND as ORACLE_KIND
-    from services.trainer.rollout import dynamics_shape
+    from services.trainer.rollout import dynamics_shape, value_reads_sim_state
 
     registry = Registry(store)
     emb = PRESETS["metaworld"]
@@ -276,6 +283,9 @@ def main(
     oracles = [v for v in registry.versions("dynamics") if registry.manifest("dynamics", v).kind == ORACLE_KIND
                and registry.manifest("dynamics", v).config.get("frame_stride") == stride]
     oracle = oracles[-1] if oracles else publish_oracle_dynamics(registry, emb, frame_stride=stride).version
+    if value == "oracle":
+        value = next((v for v in registry.versions("value") if value_reads_sim_state(registry, v)), None) \
+            or publish_oracle_value(registry, emb).version
     policy_v, value_v = registry.resolve("policy", policy), registry.resolve("value", value)
     config = {"store": str(store), "task": task, "versions": {"policy": policy_v, "value": value_v, "oracle": oracle},
               "episodes": episodes, "eval_seed": eval_seed, "max_steps": max_steps, "seed": seed, "frame_stride": stride}
@@ -296,7 +306,7 @@ def main(
         for group in todo:
             started = time.perf_counter()
             eps = asyncio.run(plan(services.urls, shape, task, episodes, eval_seed, group, policy_v, value_v, oracle, max_steps,
-                                   batch_rows, seed, log))
+                                   batch_rows, seed, log, value_reads_sim_state(registry, value_v)))
             result["arms"][str(group)] = {**summarize_arm(eps, group, time.perf_counter() - started),
                                           "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             base = result["arms"].get("1")

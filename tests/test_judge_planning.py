@@ -50,3 +50,20 @@ def test_best_of_g_runs_every_episode_to_its_end_and_the_oracle_showed_what_was_
     assert pooled["arms"]["2"]["episodes"] == 4 and pooled["arms"]["2"]["successes"] == 2 * best["successes"]
     assert pooled["arms"]["2"]["sign_test_p"] == 1.0
     assert (tmp_path / "pooled.png").stat().st_size > 0
+
+
+def test_the_oracle_judge_picks_by_the_simulators_reward(tmp_path):
+    registry = Registry(tmp_path / "store")
+    for model in ("policy", "value"):
+        publish_baseline(registry, model, PRESETS["metaworld"], seed=0)
+        registry.set_alias(model, "stable", "v0001")
+    out = tmp_path / "planning.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "judge_planning.py"), "--store", str(registry.root), "--task",
+                    "push", "--value", "oracle", "--groups", "2", "--episodes", "1", "--max-steps", "16", "--out", str(out)],
+                   check=True, cwd=ROOT, timeout=600)
+    result = json.loads(out.read_text())
+    assert registry.manifest("value", result["config"]["versions"]["value"]).kind == "oracle"
+    best = result["arms"]["2"]
+    assert best["decisions"] == 2 and sum(best["picked_position_counts"]) == 2
+    matched, judged = best["oracle_end_state_matches_executed"]
+    assert matched == judged > 0

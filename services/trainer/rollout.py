@@ -69,6 +69,21 @@ def group_best(gains: np.ndarray, group_size: int) -> np.ndarray:
     return np.arange(0, len(gains), group_size) + gains.reshape(-1, group_size).argmax(axis=1)
 
 
+async def judge(value, current: dict[str, np.ndarray], future: dict[str, np.ndarray], tasks: list[str], *,
+                version: str = "", start_states: list | None = None, end_states: list | None = None,
+                timeout_s: float | None = None):
+    """The value service's scores of B chunks: [now, imagined frames] -> Scores [B, 1 + F].
+
+    With simulator states (`start_states` at now, `end_states` after the chunk: the oracle value, which
+    reads states, not frames) it scores [now, the chunk's end]: [B, 2]; `value_gain` is then end minus now."""
+    sim_states = None
+    if start_states is not None:
+        future = {v: f[:, -1:] for v, f in future.items()}
+        sim_states = np.stack([np.stack([start, end]) for start, end in zip(start_states, end_states)])
+    scored = {v: np.concatenate([current[v][:, None], future[v]], axis=1) for v in current}
+    return await value.score(scored, tasks, version=version, sim_states=sim_states, timeout_s=timeout_s)
+
+
 def prompts(cfg: RolloutConfig, rows: int) -> list[int]:
     """The bin each of `rows` workers (whole groups, in order) asks the policy for."""
     return (cfg.proposal_bins or [cfg.advantage_bin] * cfg.group_size) * (rows // cfg.group_size)
@@ -276,13 +291,10 @@ class Rollouts:
         if cfg.lookahead_chunks:
             future, end_states = await self._look_ahead(history, imagined, states, tasks, seed, policy_version)
         t_look = time.perf_counter()
-        scored_states = None
-        if self.value_reads_sim_state:
-            future = {v: f[:, -1:] for v, f in future.items()}
-            scored_states = np.stack([np.stack([w.sim_state, end]) for w, end in zip(workers, end_states)])
-        scored = {v: np.concatenate([current[v][:, None], future[v]], axis=1) for v in views}
-        scores = await self._call("value.score", lambda: self.value.score(
-            scored, tasks, version=cfg.value_version, sim_states=scored_states, timeout_s=timeout))
+        by_states = self.value_reads_sim_state
+        scores = await self._call("value.score", lambda: judge(
+            self.value, current, future, tasks, version=cfg.value_version, timeout_s=timeout,
+            start_states=[w.sim_state for w in workers] if by_states else None, end_states=end_states))
         t3 = time.perf_counter()
         values = np.asarray(scores.values, np.float32)
         adv, bins = advantage(values[:, 0], values[:, 1:], cfg.advantage_scale, cfg.group_size)
