@@ -14,11 +14,17 @@ from rise.registry import Registry
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_best_of_g_runs_every_episode_to_its_end_and_the_oracle_showed_what_was_executed(tmp_path):
+def baseline_store(tmp_path: Path) -> Registry:
+    """A store with the untrained linear policy and value as `stable` (the oracle dynamics is published by the bench)."""
     registry = Registry(tmp_path / "store")
     for model in ("policy", "value"):
         publish_baseline(registry, model, PRESETS["metaworld"], seed=0)
         registry.set_alias(model, "stable", "v0001")
+    return registry
+
+
+def test_best_of_g_runs_every_episode_to_its_end_and_the_oracle_showed_what_was_executed(tmp_path):
+    registry = baseline_store(tmp_path)
     out = tmp_path / "planning.json"
     run = [sys.executable, str(ROOT / "bench" / "judge_planning.py"), "--store", str(registry.root), "--task", "push",
            "--groups", "1,2", "--episodes", "2", "--max-steps", "16", "--out", str(out)]
@@ -53,10 +59,7 @@ def test_best_of_g_runs_every_episode_to_its_end_and_the_oracle_showed_what_was_
 
 
 def test_the_oracle_judge_picks_by_the_simulators_reward(tmp_path):
-    registry = Registry(tmp_path / "store")
-    for model in ("policy", "value"):
-        publish_baseline(registry, model, PRESETS["metaworld"], seed=0)
-        registry.set_alias(model, "stable", "v0001")
+    registry = baseline_store(tmp_path)
     out = tmp_path / "planning.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "judge_planning.py"), "--store", str(registry.root), "--task",
                     "push", "--value", "oracle", "--groups", "2", "--episodes", "1", "--max-steps", "16", "--out", str(out)],
