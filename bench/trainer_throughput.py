@@ -116,8 +116,11 @@ class LocalDynamics(_Local):
         extra = {"tasks": tasks, "sim_states": sim_states} if getattr(loaded.model, "needs_sim_state", False) else {}
         output = await asyncio.to_thread(loaded.model.imagine, {v: history[v] for v in self.views},
                                          np.asarray(actions, np.float32), num_steps, seed, **extra)
-        frames, states = output if isinstance(output, tuple) else (output, [None] * len(actions))
-        return Imagination(frames, list(states), loaded.version)
+        from services.dynamics.server import model_output
+
+        frames, sim_states, states = model_output(output)
+        none = [None] * len(actions)
+        return Imagination(frames, list(sim_states or none), loaded.version, None if states is None else list(states))
 
 
 class LocalValue(_Local):

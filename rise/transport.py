@@ -84,6 +84,8 @@ class Imagination(NamedTuple):
     frames: dict[str, np.ndarray]  # view -> uint8 [B, F, H, W, 3]
     sim_states: list[np.ndarray | None]  # per item: float64 [n] state after the chunk (oracle), else None
     version: str  # registry version id that answered, e.g. "v0003"
+    # per item: float32 [state_dim] robot state after the chunk where the model imagines it (the oracle), else None
+    states: list[np.ndarray | None] | None = None
 
 
 class Chunks(NamedTuple):
@@ -322,8 +324,9 @@ class GrpcDynamics(_GrpcClient, DynamicsClient):
         reply = await self._call(self._stub.Imagine, request, timeout_s)
         views = [v for v in history if all(v in f.frames for f in reply.futures)]  # the caller's view order
         frames = {v: np.stack([from_tensor(f.frames[v], f"frames[{v!r}]") for f in reply.futures]) for v in views}
-        states = [from_tensor(f.sim_state, "sim_state") if f.HasField("sim_state") else None for f in reply.futures]
-        return Imagination(frames, states, reply.meta.version)
+        sim_states = [from_tensor(f.sim_state, "sim_state") if f.HasField("sim_state") else None for f in reply.futures]
+        states = [from_tensor(f.state, "state") if f.HasField("state") else None for f in reply.futures]
+        return Imagination(frames, sim_states, reply.meta.version, states)
 
 
 class TritonDynamics(_TritonClient, DynamicsClient):
@@ -353,13 +356,14 @@ class TritonDynamics(_TritonClient, DynamicsClient):
             inputs.append(_triton_input("sim_state", padded))
             inputs.append(_triton_input("sim_state_size", np.array([[-1 if s is None else len(s)] for s in states], np.int64)))
         views = list(history)
-        outputs = [*(frames_output(v) for v in views), "next_sim_state", "next_sim_state_size"]
+        outputs = [*(frames_output(v) for v in views), "next_sim_state", "next_sim_state_size", "next_state"]
         result, answered = await self._infer(inputs, outputs, version, timeout_s, parameters)
         frames = {v: result.as_numpy(frames_output(v)) for v in views}
         sizes = result.as_numpy("next_sim_state_size").reshape(-1)
         padded = result.as_numpy("next_sim_state")
-        states = [None if n < 0 else padded[b, :n] for b, n in enumerate(sizes)]
-        return Imagination(frames, states, answered)
+        sim_states = [None if n < 0 else padded[b, :n] for b, n in enumerate(sizes)]
+        states = [None if np.isnan(s).any() else s for s in result.as_numpy("next_state")]
+        return Imagination(frames, sim_states, answered, states)
 
 
 def connect_dynamics(url: str, client: ClientConfig | None = None) -> DynamicsClient:

@@ -38,15 +38,16 @@ def episode():
     sim = MetaWorldSim("push", EMB)
     expert = expert_policy("push")
     frame = sim.reset(seed=3)
-    frames, states, actions = [frame.views], [frame.sim_state], []
+    frames, states, robot, actions = [frame.views], [frame.sim_state], [frame.state], []
     for _ in range(T0 + 2 * CHUNK):
         action = np.clip(expert.get_action(frame.raw_obs), -1, 1).astype(np.float32)  # float32: what the wire carries
         frame = sim.step(action)
         frames.append(frame.views)
         states.append(frame.sim_state)
+        robot.append(frame.state)
         actions.append(action)
     sim.close()
-    return {"frames": frames, "sim_states": states, "actions": np.stack(actions)}
+    return {"frames": frames, "sim_states": states, "states": robot, "actions": np.stack(actions)}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,10 @@ def test_oracle_reproduces_the_simulator_and_chains(stub, episode):
     state = from_tensor(first.futures[0].sim_state, "sim_state", "float64", (len(episode["sim_states"][0]),))
     # Frames and the returned state are bit-exact (set_state restores MuJoCo's warm start too).
     np.testing.assert_array_equal(state, episode["sim_states"][T0 + CHUNK])
+    # So is the robot state the chunk ended in (hand xyz, gripper): what the policy reads next.
+    robot = from_tensor(first.futures[0].state, "state", "float32", (EMB.state_dim,))
+    np.testing.assert_array_equal(robot, episode["states"][T0 + CHUNK])
+    assert not np.array_equal(robot, episode["states"][T0])  # (the arm moved: a stale state would show)
     # Chaining: the next chunk from the returned state, not from the recorded one.
     second = stub.Imagine(request(item(episode, T0 + CHUNK, sim_state=state)), timeout=60)
     assert_real_frames(second.futures[0], episode, T0 + CHUNK)
@@ -119,8 +124,9 @@ def test_oracle_frame_stride(episode):
     try:
         t = T0
         history = {v: episode["frames"][t][v][None, None] for v in EMB.views}
-        frames, states = model.imagine(history, episode["actions"][None, t:t + CHUNK], tasks=["push"],
-                                       sim_states=[episode["sim_states"][t]])
+        frames, states, robot = model.imagine(history, episode["actions"][None, t:t + CHUNK], tasks=["push"],
+                                              sim_states=[episode["sim_states"][t]])
+        np.testing.assert_array_equal(robot[0], episode["states"][t + CHUNK])
         for view in EMB.views:
             assert np.array_equal(frames[view][0], np.stack([episode["frames"][t + k][view] for k in (2, 4, 6, 8)]))
         np.testing.assert_array_equal(states[0], episode["sim_states"][t + CHUNK])

@@ -107,15 +107,16 @@ def episode():
     sim = MetaWorldSim("push", EMB)
     expert = expert_policy("push")
     frame = sim.reset(seed=3)
-    frames, states, actions = [frame.views], [frame.sim_state], []
+    frames, states, robot, actions = [frame.views], [frame.sim_state], [frame.state], []
     for _ in range(3 + CHUNK):
         action = np.clip(expert.get_action(frame.raw_obs), -1, 1).astype(np.float32)
         frame = sim.step(action)
         frames.append(frame.views)
         states.append(frame.sim_state)
+        robot.append(frame.state)
         actions.append(action)
     sim.close()
-    return {"frames": frames, "sim_states": states, "actions": np.stack(actions)}
+    return {"frames": frames, "sim_states": states, "states": robot, "actions": np.stack(actions)}
 
 
 def inputs(batch: int, history: int = 2, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -145,7 +146,7 @@ def assert_same(a: Imagination, b: Imagination) -> None:
         assert a.frames[view].shape == b.frames[view].shape
         assert np.array_equal(a.frames[view], b.frames[view]), f"{view}: {np.count_nonzero(a.frames[view] != b.frames[view])} values differ"
     assert len(a.sim_states) == len(b.sim_states)
-    for x, y in zip(a.sim_states, b.sim_states):
+    for x, y in [*zip(a.sim_states, b.sim_states), *zip(a.states, b.states)]:
         assert (x is None) == (y is None)
         if x is not None:
             np.testing.assert_array_equal(x, y)
@@ -157,7 +158,7 @@ def test_persistence_same_frames(grpc_url, triton, batch):
     history, actions = inputs(batch)
     via_grpc, via_triton = both(grpc_url, triton.url, history, actions)
     assert_same(via_grpc, via_triton)
-    assert via_grpc.version == "v0001" and via_grpc.sim_states == [None] * batch
+    assert via_grpc.version == "v0001" and via_grpc.sim_states == via_grpc.states == [None] * batch
     assert via_triton.frames["corner"].shape == (batch, CHUNK, H, W, 3)
     np.testing.assert_array_equal(via_triton.frames["corner"], np.repeat(history["corner"][:, -1:], CHUNK, axis=1))
 
@@ -206,6 +207,7 @@ def test_oracle_same_frames_and_states(grpc_url, triton, episode):
         want = np.stack([episode["frames"][t + k][view] for k in range(1, CHUNK + 1)])
         assert np.array_equal(via_triton.frames[view][0], want)
     np.testing.assert_array_equal(via_triton.sim_states[0], episode["sim_states"][t + CHUNK])
+    np.testing.assert_array_equal(via_triton.states[0], episode["states"][t + CHUNK])  # the robot state it ended in
     # Two starts in one request, in order.
     history2 = {v: np.stack([episode["frames"][t + 1][v][None], episode["frames"][t][v][None]]) for v in EMB.views}
     actions2 = np.stack([episode["actions"][t + 1:t + 1 + CHUNK], episode["actions"][t:t + CHUNK]])

@@ -109,7 +109,8 @@ def test_bad_inputs_are_invalid_argument(server, episode, bad, message):
 
 def test_trainer_judges_each_chunk_by_the_reward_at_its_start_and_end(tmp_path):
     """Rollouts with the oracle dynamics and the oracle value: a chunk's value gain is the simulator's
-    reward after the chunk minus before it (replayed here in a simulator of our own)."""
+    reward after the chunk minus before it (replayed here in a simulator of our own), and a chained
+    chunk is proposed from the robot state the simulator reached (`rollout.chained_state`)."""
     from rise.baselines import publish_oracle_dynamics
     from rise.data.collect import collect
     from rise.data.loading import load_episodes_in_memory
@@ -136,7 +137,7 @@ def test_trainer_judges_each_chunk_by_the_reward_at_its_start_and_end(tmp_path):
                             dynamics_version=oracle_dynamics, value_version=oracle_value)
     starts = start_states(episodes, dynamics_shape(registry, oracle_dynamics, EMB.chunk_length))
 
-    async def two_rounds(services: ServicesConfig):
+    async def two_rounds(services: ServicesConfig, rollout: RolloutConfig = rollout):
         clients = await open_clients(services)
         try:
             rollouts = Rollouts(rollout, services, clients, starts, "oracle-judge", seed=1, value_reads_sim_state=True)
@@ -156,11 +157,13 @@ def test_trainer_judges_each_chunk_by_the_reward_at_its_start_and_end(tmp_path):
             config = config_cls(registry_root=registry.root, torch_threads=1, server=ServerConfig(port=0, log_json=False))
             urls[name] = f"grpc://{stack.enter_context(served(start_service, config)).address}"
         rounds = asyncio.run(two_rounds(ServicesConfig(**urls)))
+        stale = asyncio.run(two_rounds(ServicesConfig(**urls), rollout.model_copy(update={"chained_state": "start"})))
     sim = MetaWorldSim(TASK, EMB, max_steps=1_000_000, render=False)
     try:
         for begin, samples in rounds:
             for state, sample in zip(begin, samples):
                 frame = sim.set_state(state, render=False)
+                np.testing.assert_array_equal(sample.state, frame.state)  # the policy saw where the hand was
                 assert sample.value_current == pytest.approx(sim.shaped_reward(frame.raw_obs) / 10.0, abs=1e-6)
                 for action in sample.actions:
                     frame = sim.step(action, render=False)
@@ -169,3 +172,8 @@ def test_trainer_judges_each_chunk_by_the_reward_at_its_start_and_end(tmp_path):
     finally:
         sim.close()
     assert [s.chain_index for _, r in rounds for s in r] == [0] * 4 + [1] * 4
+    # The old rule: a chained chunk read its real start's robot state, though the hand had moved.
+    assert [s.chain_index for _, r in stale for s in r] == [0] * 4 + [1] * 4
+    for first, chained, moved in zip(stale[0][1], stale[1][1], rounds[1][1]):
+        np.testing.assert_array_equal(chained.state, first.state)
+        assert not np.allclose(moved.state, first.state)

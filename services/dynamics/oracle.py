@@ -5,7 +5,8 @@ For each item it restores the recorded simulator state (`ImagineItem.sim_state`,
 chunk's actions one per control tick and renders the embodiment's views. Restoring is exact,
 so the "imagined" frames are the frames the simulator itself shows: the upper bound of learned
 imagination (its gap to a learned model is pure world-model error) and a test double that is
-not a mock. The state after the chunk comes back too, so imagined chunks can be chained.
+not a mock. The simulator state after the chunk comes back too, so imagined chunks can be chained,
+and so does the robot state the simulator reached (what the policy reads at a chained step).
 
 Returned frames: every `frame_stride`-th tick of the chunk (F = chunk_length / frame_stride),
 the last one being the end of the chunk. History frames, robot state, steps and seed are
@@ -92,7 +93,7 @@ class _TaskSim:
 class OracleDynamics:
     # DynamicsServicer passes `tasks=` and `sim_states=` (one float64 array or None per item) only
     # to models that declare this, calls `check_items` before batching, and takes
-    # `(frames, sim_states)` back from `imagine`: learned models never see the simulator's state.
+    # `(frames, sim_states, robot states)` back from `imagine`: learned models never see the simulator's state.
     needs_sim_state = True
 
     def __init__(self, embodiment: Embodiment, frame_stride: int = 1):
@@ -121,16 +122,18 @@ class OracleDynamics:
                                       f"{list(state.shape)} (a state from another task?)")
 
     def imagine(self, history: dict[str, np.ndarray], actions: np.ndarray, num_steps: int = 0, seed: int = 0, *,
-                tasks: list[str], sim_states: list[np.ndarray | None]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        """actions float32 [B, chunk, 4] -> ({view: uint8 [B, F, H, W, 3]}, B float64 states after the chunk)."""
+                tasks: list[str], sim_states: list[np.ndarray | None]
+                ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """actions float32 [B, chunk, 4] -> ({view: uint8 [B, F, H, W, 3]}, B float64 simulator states and
+        B float32 robot states after the chunk)."""
         self.check_items(tasks, sim_states)
         runs = []
         for b, (text, state) in enumerate(zip(tasks, sim_states)):
             task_sim = self._sim(self._task(b, text))
             runs.append(task_sim.submit(self._rollout, task_sim.sim, state, actions[b]))
         results = [run.result() for run in runs]
-        frames = {v: np.stack([views[v] for views, _ in results]) for v in self.embodiment.views}
-        return frames, [state for _, state in results]
+        frames = {v: np.stack([views[v] for views, _, _ in results]) for v in self.embodiment.views}
+        return frames, [sim_state for _, sim_state, _ in results], [state for _, _, state in results]
 
     def close(self) -> None:
         with self._sims_lock:
@@ -139,17 +142,15 @@ class OracleDynamics:
             task_sim.close()
 
     # ---- inside a task's thread ----------------------------------------------------------------
-    def _rollout(self, sim, state: np.ndarray, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _rollout(self, sim, state: np.ndarray, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         frames: dict[str, list[np.ndarray]] = {v: [] for v in self.embodiment.views}
         sim.set_state(state, render=False)
         for tick, action in enumerate(actions, start=1):
-            if tick % self.frame_stride:
-                sim.step(action, render=False)  # only every frame_stride-th frame is returned
-                continue
-            views = sim.step(action).views
-            for v in self.embodiment.views:
-                frames[v].append(views[v])
-        return {v: np.stack(f) for v, f in frames.items()}, sim.get_state()
+            frame = sim.step(action, render=tick % self.frame_stride == 0)  # every frame_stride-th frame is returned
+            if frame.views:
+                for v in self.embodiment.views:
+                    frames[v].append(frame.views[v])
+        return {v: np.stack(f) for v, f in frames.items()}, sim.get_state(), frame.state
 
     # ---- helpers ----------------------------------------------------------------------------
     def _task(self, index: int, text: str) -> str:

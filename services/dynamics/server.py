@@ -8,8 +8,9 @@ Model interface: `imagine(history {view: uint8 [B, T, H, W, 3]}, actions float32
 num_steps, seed) -> {view: uint8 [B, F, H, W, 3]}`. Privileged models (`needs_sim_state = True`,
 the simulator-backed oracle) also get `tasks=` (B texts) and `sim_states=` (B float64 arrays or
 None), are asked `check_items(tasks, sim_states)` before their items join a batch (so a bad
-request fails alone, with its own item indices), and return `(frames, sim_states)`: the
-simulator state after each chunk, sent back as ImaginedFuture.sim_state for chaining.
+request fails alone, with its own item indices), and return `(frames, sim_states, states)`: the
+simulator state after each chunk, sent back as ImaginedFuture.sim_state for chaining, and the robot
+state the chunk ended in (ImaginedFuture.state: what the policy reads at a chained step).
 """
 
 from __future__ import annotations
@@ -76,21 +77,25 @@ class DynamicsServicer(dynamics_pb2_grpc.DynamicsServiceServicer):
         key = None if request.seed else (loaded.version, dims["T"], request.num_steps)
         done = await self.batcher.submit(key, items, functools.partial(self._imagine, loaded, request.num_steps, request.seed))
         out = []
-        for frames, sim_state in done.results:
+        for frames, sim_state, state in done.results:
             future = dynamics_pb2.ImaginedFuture(frames={v: to_tensor(frames[v]) for v in self.embodiment.views})
             if sim_state is not None:
                 future.sim_state.CopyFrom(to_tensor(np.asarray(sim_state, np.float64)))
+            if state is not None:
+                future.state.CopyFrom(to_tensor(state))
             out.append(future)
         return dynamics_pb2.ImagineResponse(futures=out, meta=response_meta(loaded, start, done.compute_ms, done.queue_ms))
 
-    def _imagine(self, loaded: LoadedModel, num_steps: int, seed: int, items: list[_Item]) -> list[tuple[dict, np.ndarray | None]]:
-        """One model call for a (merged) batch, in a worker thread -> per item (frames, sim state or None)."""
+    def _imagine(self, loaded: LoadedModel, num_steps: int, seed: int, items: list[_Item]
+                 ) -> list[tuple[dict, np.ndarray | None, np.ndarray | None]]:
+        """One model call for a (merged) batch, in a worker thread -> per item (frames, sim state or None,
+        robot state or None)."""
         extra = {}
         if getattr(loaded.model, "needs_sim_state", False):
             extra = {"tasks": [it.task for it in items], "sim_states": [it.sim_state for it in items]}
         output = loaded.model.imagine(stack_views([it.history for it in items], self.embodiment),
                                       np.stack([it.actions for it in items]), num_steps, seed, **extra)
-        frames, sim_states = output if isinstance(output, tuple) else (output, None)
+        frames, sim_states, states = model_output(output)
         emb, batch = self.embodiment, len(items)
         for v in emb.views:
             got = frames.get(v)
@@ -100,7 +105,22 @@ class DynamicsServicer(dynamics_pb2_grpc.DynamicsServiceServicer):
                                    f"expected uint8 [{batch}, F, {emb.image_height}, {emb.image_width}, 3]")
         if sim_states is not None and len(sim_states) != batch:
             raise RuntimeError(f"model {loaded.version} returned {len(sim_states)} sim states for {batch} items")
-        return [({v: frames[v][b] for v in emb.views}, None if sim_states is None else sim_states[b]) for b in range(batch)]
+        if states is not None:
+            states = np.asarray(states, np.float32)
+            if states.shape != (batch, emb.state_dim):
+                raise RuntimeError(f"model {loaded.version} returned robot states {list(states.shape)}, "
+                                   f"expected float32 [{batch}, {emb.state_dim}]")
+        return [({v: frames[v][b] for v in emb.views}, None if sim_states is None else sim_states[b],
+                 None if states is None else states[b]) for b in range(batch)]
+
+
+def model_output(output) -> tuple[dict[str, np.ndarray], list | None, list | None]:
+    """A model's `imagine` result -> (frames, simulator states or None, robot states or None): learned
+    models return the frames alone, privileged ones (frames, sim_states, states)."""
+    if not isinstance(output, tuple):
+        return output, None, None
+    frames, sim_states, *states = output
+    return frames, sim_states, (states[0] if states else None)
 
 
 async def start(config: DynamicsConfig) -> RunningServer:

@@ -15,6 +15,8 @@ Tensors (first dimension = the request's items; B below):
            next_sim_state       FP64  [B, n]            the oracle's state after the chunk (NaN-padded;
                                                         [B, 1] of NaN for models without one)
            next_sim_state_size  INT64 [B, 1]            -1 where the model returns no state
+           next_state           FP32  [B, state_dim]    the robot state after the chunk (oracle); NaN where
+                                                        the model does not imagine it
            version, error       BYTES [B, 1]            (every adapter; see rise.triton_binding)
   request parameters: num_steps (denoising steps, 0 = model default), seed (0 = nondeterministic;
            int64, or a decimal string for seeds past int64 as the gRPC API's uint64 allows)
@@ -109,6 +111,7 @@ class DynamicsTriton(TritonAdapter):
                          doc=f"view {v!r}: [F, H, W, 3] imagined") for v in e.views),
             TensorSpec("next_sim_state", np.dtype(np.float64), (-1,), doc="simulator state after the chunk, NaN-padded (oracle)"),
             TensorSpec("next_sim_state_size", np.dtype(np.int64), (1,), doc="true next_sim_state length, -1 = none"),
+            TensorSpec("next_state", np.dtype(np.float32), (e.state_dim,), doc="robot state after the chunk, NaN = not imagined"),
         ]
 
     # ---- requests -> model calls -----------------------------------------------------------------
@@ -189,9 +192,12 @@ class DynamicsTriton(TritonAdapter):
         groups += [members for members, _ in open_groups.values()]
         return groups
 
-    def _encode(self, per_item: list[tuple[dict[str, np.ndarray], np.ndarray | None]]) -> dict[str, np.ndarray]:
-        out = {frames_output(v): np.stack([frames[v] for frames, _ in per_item]) for v in self.embodiment.views}
-        states = [None if s is None else np.asarray(s, np.float64).reshape(-1) for _, s in per_item]
+    def _encode(self, per_item: list[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]]
+                ) -> dict[str, np.ndarray]:
+        out = {frames_output(v): np.stack([frames[v] for frames, _, _ in per_item]) for v in self.embodiment.views}
+        out["next_state"] = np.stack([np.full(self.embodiment.state_dim, np.nan, np.float32) if state is None else state
+                                      for _, _, state in per_item])
+        states = [None if s is None else np.asarray(s, np.float64).reshape(-1) for _, s, _ in per_item]
         width = max((len(s) for s in states if s is not None), default=1)  # never 0: pytriton cannot send empty arrays
         padded = np.full((len(states), width), np.nan)
         for b, s in enumerate(states):

@@ -100,6 +100,13 @@ class RolloutConfig(StrictModel):
     # blurs what the prompt means (RECAP -> RISE shrank the prompt's effect, bench/guidance_gap.py);
     # "best" keeps only the decision the ranking is for. Pushes 1 / group_size of the chunks.
     train_on: Literal["all", "best"] = "all"
+    # The robot state a chained chunk (and a lookahead chunk) is proposed from: "imagined" takes the
+    # state the world model says the last chunk ended in where it imagines one (the oracle: the
+    # simulator's own), else keeps the real start's; "start" always keeps the real start's (the
+    # behaviour before 2026-12-08). Why: with the start's state, the policy at a chained step reads
+    # images of one moment and the hand position of another (one chunk earlier), and the learner is
+    # trained on those mismatched inputs, which real episodes never show it.
+    chained_state: Literal["imagined", "start"] = "imagined"
     # Denoising steps per call (0 = the model's default).
     policy_steps: int = Field(0, ge=0)
     dynamics_steps: int = Field(0, ge=0)

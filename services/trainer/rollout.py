@@ -16,9 +16,10 @@ chunk's advantage is its value gain relative to the other chunks of its group (s
 A worker chains at most `max_chain` imagined chunks (errors pile up in generated video), then
 restarts from a real frame of the offline data. `produce` pushes a round to the replay stream:
 the trainer's own rollout loop (run.py) and the fleet's workers (`rise worker rollout`,
-worker.py) both go through it. The robot state is not imagined by the world
-model: a chained step keeps the state of its real start (a known approximation; the policy
-reads the imagined images).
+worker.py) both go through it. A chained step reads the robot state the world model says the
+last chunk ended in (`rollout.chained_state`); a model that does not imagine robot states (the
+learned one, so far) leaves it at the real start's (an approximation: the images move, the
+state does not).
 """
 
 from __future__ import annotations
@@ -129,7 +130,17 @@ async def imagine_groups(dynamics, history: dict[str, np.ndarray], actions: np.n
     frames = {v: np.stack([part.frames[v] for part in parts], axis=1).reshape(-1, *parts[0].frames[v].shape[1:])
               for v in parts[0].frames}
     sim_states = [part.sim_states[i] for i in range(len(actions) // group_size) for part in parts]
-    return Imagination(frames, sim_states, parts[0].version)
+    states = None if parts[0].states is None else [part.states[i] for i in range(len(actions) // group_size)
+                                                  for part in parts]
+    return Imagination(frames, sim_states, parts[0].version, states)
+
+
+def chained_states(states: np.ndarray, imagined: Imagination, rule: str) -> np.ndarray:
+    """The robot states [B, S] after the imagined chunks: the world model's where it imagined them and
+    `rule` is "imagined", else `states` (the real start's) unchanged."""
+    if rule != "imagined" or imagined.states is None:
+        return states
+    return np.stack([s if new is None else np.asarray(new, np.float32) for s, new in zip(states, imagined.states)])
 
 
 @dataclass
@@ -318,8 +329,9 @@ class Rollouts:
                 dynamics_version=imagined.version, value_version=scores.version, chain_index=w.chain,
                 value_current=float(values[b, 0]), value_imagined=values[b, 1:].tolist(), timing_ms=timing,
                 run_id=self.run_id, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality))
+        after = chained_states(states, imagined, cfg.chained_state)
         for b, w in enumerate(workers):
-            # Move on: chain the imagined frames, or (below) go back to a real start.
+            # Move on: chain the imagined frames (and robot state), or (below) go back to a real start.
             w.chain += 1
             if w.chain >= cfg.max_chain:
                 continue
@@ -327,6 +339,7 @@ class Rollouts:
                 w.history[v] = np.concatenate([w.history[v], imagined.frames[v][b]])[-self.starts.shape.history:]
             if sim_states is not None:
                 w.sim_state = imagined.sim_states[b]
+            w.state = after[b]
         for first in range(0, len(workers), cfg.group_size):  # a group's workers chain in step
             if workers[first].chain >= cfg.max_chain:
                 workers[first:first + cfg.group_size] = self._draw_group()
@@ -334,15 +347,17 @@ class Rollouts:
 
     async def _look_ahead(self, history: dict[str, np.ndarray], imagined: Imagination, states: np.ndarray,
                           tasks: list[str], seed: int, policy_version: str) -> tuple[dict[str, np.ndarray], list]:
-        """The policy goes on for `lookahead_chunks` more imagined chunks after each proposal (the
-        robot state stays the real start's, as in chains); -> every imagined frame, the proposal's
+        """The policy goes on for `lookahead_chunks` more imagined chunks after each proposal (from the
+        robot states `rollout.chained_state` gives, as in chains); -> every imagined frame, the proposal's
         first: {view: uint8 [B, F * (1 + lookahead_chunks), H, W, 3]}, and the simulator states at the
         end (oracle dynamics; else Nones)."""
         cfg, keep, timeout = self.config, self.starts.shape.history, self.services.timeout_s
         frames = {v: [f] for v, f in imagined.frames.items()}
         sim_states = imagined.sim_states if self.starts.shape.needs_sim_state else None
         bins = [cfg.advantage_bin] * len(states)
+        step = imagined
         for k in range(1, cfg.lookahead_chunks + 1):
+            states = chained_states(states, step, cfg.chained_state)
             history = {v: np.concatenate([h, frames[v][-1]], axis=1)[:, -keep:] for v, h in history.items()}
             step_seed = seed + k  # one seed per depth: a group's continuations share it (act_groups)
             chunks = await self._call("policy.act", lambda: act_groups(

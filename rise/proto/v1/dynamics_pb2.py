@@ -27,7 +27,7 @@ from . import common_pb2 as rise_dot_v1_dot_common__pb2
 from . import tensor_pb2 as rise_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rise/v1/dynamics.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\x1a\x14rise/v1/tensor.proto\"\xf6\x01\n\x0bImagineItem\x12\x32\n\x07history\x18\x01 \x03(\x0b\x32!.rise.v1.ImagineItem.HistoryEntry\x12 \n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x1e\n\x05state\x18\x03 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\"\n\tsim_state\x18\x05 \x01(\x0b\x32\x0f.rise.v1.Tensor\x1a?\n\x0cHistoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\"x\n\x0eImagineRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.rise.v1.ImagineItem\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xa9\x01\n\x0eImaginedFuture\x12\x33\n\x06\x66rames\x18\x01 \x03(\x0b\x32#.rise.v1.ImaginedFuture.FramesEntry\x12\"\n\tsim_state\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor\x1a>\n\x0b\x46ramesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\"`\n\x0fImagineResponse\x12(\n\x07\x66utures\x18\x01 \x03(\x0b\x32\x17.rise.v1.ImaginedFuture\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta2O\n\x0f\x44ynamicsService\x12<\n\x07Imagine\x12\x17.rise.v1.ImagineRequest\x1a\x18.rise.v1.ImagineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rise/v1/dynamics.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\x1a\x14rise/v1/tensor.proto\"\xf6\x01\n\x0bImagineItem\x12\x32\n\x07history\x18\x01 \x03(\x0b\x32!.rise.v1.ImagineItem.HistoryEntry\x12 \n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x1e\n\x05state\x18\x03 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\"\n\tsim_state\x18\x05 \x01(\x0b\x32\x0f.rise.v1.Tensor\x1a?\n\x0cHistoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\"x\n\x0eImagineRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.rise.v1.ImagineItem\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.rise.v1.ModelRef\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xc9\x01\n\x0eImaginedFuture\x12\x33\n\x06\x66rames\x18\x01 \x03(\x0b\x32#.rise.v1.ImaginedFuture.FramesEntry\x12\"\n\tsim_state\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor\x12\x1e\n\x05state\x18\x03 \x01(\x0b\x32\x0f.rise.v1.Tensor\x1a>\n\x0b\x46ramesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.rise.v1.Tensor:\x02\x38\x01\"`\n\x0fImagineResponse\x12(\n\x07\x66utures\x18\x01 \x03(\x0b\x32\x17.rise.v1.ImaginedFuture\x12#\n\x04meta\x18\x02 \x01(\x0b\x32\x15.rise.v1.ResponseMeta2O\n\x0f\x44ynamicsService\x12<\n\x07Imagine\x12\x17.rise.v1.ImagineRequest\x1a\x18.rise.v1.ImagineResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,11 +45,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGINEREQUEST']._serialized_start=328
   _globals['_IMAGINEREQUEST']._serialized_end=448
   _globals['_IMAGINEDFUTURE']._serialized_start=451
-  _globals['_IMAGINEDFUTURE']._serialized_end=620
-  _globals['_IMAGINEDFUTURE_FRAMESENTRY']._serialized_start=558
-  _globals['_IMAGINEDFUTURE_FRAMESENTRY']._serialized_end=620
-  _globals['_IMAGINERESPONSE']._serialized_start=622
-  _globals['_IMAGINERESPONSE']._serialized_end=718
-  _globals['_DYNAMICSSERVICE']._serialized_start=720
-  _globals['_DYNAMICSSERVICE']._serialized_end=799
+  _globals['_IMAGINEDFUTURE']._serialized_end=652
+  _globals['_IMAGINEDFUTURE_FRAMESENTRY']._serialized_start=590
+  _globals['_IMAGINEDFUTURE_FRAMESENTRY']._serialized_end=652
+  _globals['_IMAGINERESPONSE']._serialized_start=654
+  _globals['_IMAGINERESPONSE']._serialized_end=750
+  _globals['_DYNAMICSSERVICE']._serialized_start=752
+  _globals['_DYNAMICSSERVICE']._serialized_end=831
 # @@protoc_insertion_point(module_scope)

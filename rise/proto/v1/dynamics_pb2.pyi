@@ -43,7 +43,7 @@ class ImagineRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ImagineItem, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ImaginedFuture(_message.Message):
-    __slots__ = ("frames", "sim_state")
+    __slots__ = ("frames", "sim_state", "state")
     class FramesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,9 +53,11 @@ class ImaginedFuture(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     SIM_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     frames: _containers.MessageMap[str, _tensor_pb2.Tensor]
     sim_state: _tensor_pb2.Tensor
-    def __init__(self, frames: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., sim_state: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    state: _tensor_pb2.Tensor
+    def __init__(self, frames: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., sim_state: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., state: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ImagineResponse(_message.Message):
     __slots__ = ("futures", "meta")
