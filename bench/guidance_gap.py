@@ -14,6 +14,10 @@ in the embodiment's action units, per policy version.
 (e.g. a RISE policy from its RECAP start) on the same frames and noise, beside the spread of that
 version's own chunks under two noise draws: a move well inside the spread changes little an
 evaluation could see.
+
+`--state-lag 8` also measures how far each version's bin-10 chunks move when it reads the robot state
+of 8 control ticks earlier in the same episode (what a chained imagined chunk read before
+`rollout.chained_state`: the images one chunk on, the hand where the chunk started), same frames and noise.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
          frames: int = typer.Option(200, help="Frames, spread evenly over the dataset."),
          batch: int = typer.Option(25), out: Path = typer.Option(..., help="JSON to write."),
          against: str = typer.Option("", help="Also each version's bin-10 distance from this version's "
-                                              "(same frames and noise), and this version's own noise spread.")) -> None:
+                                              "(same frames and noise), and this version's own noise spread."),
+         state_lag: int = typer.Option(0, help="Also each version's shift when it reads the robot state of this "
+                                                "many ticks earlier in the episode (0 = not measured).")) -> None:
     from rise.data.loading import load_episodes_in_memory
     from rise.embodiment import PRESETS
     from rise.registry import Registry
@@ -47,14 +53,18 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
     picks = np.linspace(0, len(episodes) - 1, frames).astype(int)
     tasks = [episodes.tasks[i] for i in episodes.frame_task_ids[picks]]
 
-    def chunks(policy, bin_: int, noise_offset: int = 0) -> np.ndarray:
-        """The policy's chunks [frames, T, D] for every picked frame, prompted with `bin_`; noise seeds batch by batch."""
+    # The frame `state_lag` ticks earlier in each picked frame's episode (its first frame at most).
+    lagged = np.maximum(picks - state_lag, episodes.episode_starts[episodes.frame_episode[picks]])
+
+    def chunks(policy, bin_: int, noise_offset: int = 0, state_rows: np.ndarray = picks) -> np.ndarray:
+        """The policy's chunks [frames, T, D] for every picked frame, prompted with `bin_`, reading the robot
+        state of `state_rows`; noise seeds batch by batch."""
         parts = []
         for a in range(0, frames, batch):
             idx = picks[a:a + batch]
             views = {name: episodes.views[name][idx] for name in emb.views}
-            parts.append(policy.act(views, episodes.states[idx], tasks[a:a + batch], np.full(len(idx), bin_),
-                                  seed=a + noise_offset, guidance_scale=1.0))
+            parts.append(policy.act(views, episodes.states[state_rows[a:a + batch]], tasks[a:a + batch],
+                                  np.full(len(idx), bin_), seed=a + noise_offset, guidance_scale=1.0))
         return np.concatenate(parts)
 
     def summary(diff: np.ndarray) -> dict:
@@ -77,6 +87,9 @@ def main(store: Path = typer.Option(..., help="Registry root holding the policy 
         results[v] = {"mean_abs_gap": gap.pop("mean_abs"), **gap}  # (the key earlier reports used)
         if reference is not None:
             results[v]["shift_from_" + against] = summary(prompted - reference)
+        if state_lag:
+            results[v][f"shift_reading_the_state_{state_lag}_ticks_earlier"] = summary(
+                chunks(policy, 10, state_rows=lagged) - prompted)
         print(v, json.dumps(results[v]))
     report = {"store": str(store), "data": str(data), "versions": results}
     if reference is not None:  # the same version, the same frames, other noise: how much chunks differ by chance

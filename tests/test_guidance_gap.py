@@ -1,4 +1,5 @@
-"""`bench/guidance_gap.py --against`: how far a version's prompted chunks moved from another version's."""
+"""`bench/guidance_gap.py --against`: how far a version's prompted chunks moved from another version's;
+`--state-lag`: how far they move when the policy reads an earlier robot state."""
 
 import json
 import sys
@@ -35,7 +36,7 @@ def test_shift_from_a_version_is_zero_for_itself_and_measured_for_another(tmp_pa
     out = tmp_path / "gap.json"
     result = CliRunner().invoke(guidance_gap.app, [
         "--store", str(registry.root), "--version", "v0001", "--version", "v0002", "--against", "v0001",
-        "--data", str(data), "--frames", "6", "--batch", "4", "--out", str(out)])
+        "--data", str(data), "--frames", "6", "--batch", "4", "--state-lag", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["versions"]["v0001"]["shift_from_v0001"]["mean_abs"] == 0.0  # the same weights, frames and noise
@@ -43,3 +44,7 @@ def test_shift_from_a_version_is_zero_for_itself_and_measured_for_another(tmp_pa
     assert report["noise_spread_v0001"]["mean_abs"] > 0.0  # a flow-matching policy's chunks depend on its noise
     assert report["versions"]["v0002"]["shift_from_v0001"]["frames"] == 6
     assert report["noise_spread_v0001"]["frames"] == 6
+    # The states of 3 ticks earlier (the synthetic arm moves every tick) move the chunks; frames at an
+    # episode's start read their own state (nothing earlier), so they do not.
+    lag = report["versions"]["v0001"]["shift_reading_the_state_3_ticks_earlier"]
+    assert lag["frames"] == 6 and lag["mean_abs"] > 0.0
