@@ -117,10 +117,7 @@ class DynamicsServicer(dynamics_pb2_grpc.DynamicsServiceServicer):
 def model_output(output) -> tuple[dict[str, np.ndarray], list | None, list | None]:
     """A model's `imagine` result -> (frames, simulator states or None, robot states or None): learned
     models return the frames alone, privileged ones (frames, sim_states, states)."""
-    if not isinstance(output, tuple):
-        return output, None, None
-    frames, sim_states, *states = output
-    return frames, sim_states, (states[0] if states else None)
+    return output if isinstance(output, tuple) else (output, None, None)
 
 
 async def start(config: DynamicsConfig) -> RunningServer:
